@@ -1,0 +1,818 @@
+//! The SPSC byte ring: producer `reserve → write → commit`, consumer `peek → read → release`,
+//! waiting, waking, and the durable-ack reverse channel.
+//!
+//! The protocol is written once, against [`Memory`]: the segment in /dev/shm implements it for
+//! production, [`crate::model::HeapMemory`] implements it on the heap for loom, miri and proptest.
+//!
+//! Positions (`head`, `tail`) are monotonic byte counts; the index in the ring is
+//! `position % capacity`. Frames are [`FRAME_ALIGN`]-aligned and always contiguous: a padding
+//! frame fills the end of the ring when the next frame would not fit. The producer publishes
+//! `head` with Release once per batch of frames (the commit point: nothing past `head` is
+//! visible, so a producer killed mid-copy leaves nothing behind); the consumer publishes `tail`
+//! with Release once per batch of released frames. Each side caches the other's position.
+
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+use crate::frame::{CODEC_VERSION, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind, frame_size};
+use crate::layout::RingShared;
+use crate::sync::{AtomicU32, Ordering};
+
+/// Which side of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Writes frames (the app, through the writer crate).
+    Producer,
+    /// Reads frames (the uploader).
+    Consumer,
+}
+
+impl Role {
+    /// The other side.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Producer => Role::Consumer,
+            Role::Consumer => Role::Producer,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+        })
+    }
+}
+
+/// Where the ring's shared words and bytes live, and how a side sleeps, wakes and checks its peer.
+///
+/// # Safety
+/// Implementors guarantee that `shared()` stays valid for the life of `self`, that the byte region
+/// has `capacity()` bytes (a power of two, at least 64), and that `wait` returns no later than
+/// `timeout` after it was called (it may return earlier, spuriously).
+pub unsafe trait Memory {
+    /// A readable view of ring bytes.
+    type Read<'a>: Deref<Target = [u8]>
+    where
+        Self: 'a;
+    /// A writable view of ring bytes.
+    type Write<'a>: DerefMut<Target = [u8]>
+    where
+        Self: 'a;
+
+    /// The shared protocol words.
+    fn shared(&self) -> &RingShared;
+    /// Bytes in the ring.
+    fn capacity(&self) -> usize;
+    /// Ring bytes `[off, off + len)` for writing.
+    ///
+    /// # Safety
+    /// `off + len <= capacity()`, and by the ring protocol no other party reads or writes the range
+    /// until the caller publishes it.
+    unsafe fn write(&self, off: usize, len: usize) -> Self::Write<'_>;
+    /// Ring bytes `[off, off + len)` for reading.
+    ///
+    /// # Safety
+    /// `off + len <= capacity()`, and by the ring protocol the range is published and not yet
+    /// released, so its owner does not write it. (A hostile peer still might: callers copy what
+    /// they validate before trusting it.)
+    unsafe fn read(&self, off: usize, len: usize) -> Self::Read<'_>;
+    /// Sleeps while `*word == expected`, at most `timeout` (futex semantics).
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Duration);
+    /// Wakes every sleeper on `word`.
+    fn wake(&self, word: &AtomicU32);
+    /// Whether the process holding `role` is alive (holds its lock).
+    fn peer_alive(&self, role: Role) -> bool;
+}
+
+// SAFETY: delegates every method to `T`, which upholds the contract.
+unsafe impl<T: Memory> Memory for std::sync::Arc<T> {
+    type Read<'a>
+        = T::Read<'a>
+    where
+        Self: 'a;
+    type Write<'a>
+        = T::Write<'a>
+    where
+        Self: 'a;
+    fn shared(&self) -> &RingShared {
+        (**self).shared()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    unsafe fn write(&self, off: usize, len: usize) -> Self::Write<'_> {
+        // SAFETY: the caller upholds `write`'s contract, which is the same for `T`.
+        unsafe { (**self).write(off, len) }
+    }
+    unsafe fn read(&self, off: usize, len: usize) -> Self::Read<'_> {
+        // SAFETY: the caller upholds `read`'s contract, which is the same for `T`.
+        unsafe { (**self).read(off, len) }
+    }
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Duration) {
+        (**self).wait(word, expected, timeout)
+    }
+    fn wake(&self, word: &AtomicU32) {
+        (**self).wake(word)
+    }
+    fn peer_alive(&self, role: Role) -> bool {
+        (**self).peer_alive(role)
+    }
+}
+
+/// How a side publishes and waits.
+#[derive(Clone, Copy, Debug)]
+pub struct RingConfig {
+    /// Publish the position after this many committed (producer) or released (consumer) bytes.
+    /// `None`: an eighth of the capacity, at most 256 KiB.
+    pub publish_bytes: Option<usize>,
+    /// Spin this long before sleeping on the futex.
+    pub spin: Duration,
+    /// Longest single futex sleep; also how often a sleeper checks that its peer is alive, so a
+    /// dead peer is reported within about this long.
+    pub tick: Duration,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        Self {
+            publish_bytes: None,
+            spin: if cfg!(loom) { Duration::ZERO } else { Duration::from_micros(10) },
+            // Under loom a sleep lasts until woken and the peer is checked before every sleep.
+            tick: if cfg!(loom) { Duration::ZERO } else { Duration::from_millis(100) },
+        }
+    }
+}
+
+/// Why a ring operation did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The deadline passed; the peer is alive but did not make room / send / ack in time.
+    #[error("timed out waiting for the {peer} (it is alive but made no progress)")]
+    Timeout {
+        /// The side that was waited for.
+        peer: Role,
+    },
+    /// The peer process is gone (dead, or its lock released) or was replaced mid-batch.
+    #[error("the {peer} is gone (process exited or was restarted); resend the batch once it is back")]
+    PeerGone {
+        /// The side that is gone.
+        peer: Role,
+    },
+    /// A frame payload larger than the ring allows.
+    #[error("frame payload of {len} bytes exceeds the ring's maximum of {max} (capacity / 2 minus header)")]
+    FrameTooLarge {
+        /// Requested payload.
+        len: usize,
+        /// Largest payload this ring takes.
+        max: usize,
+    },
+    /// The published ring contents are not valid frames: the producer is broken or hostile.
+    #[error("ring corrupt at position {pos}: {what} (the producer is broken or hostile; its batch is rejected)")]
+    Corrupt {
+        /// Position of the bad frame.
+        pos: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A frame could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] crate::frame::CodecError),
+    /// The consumer rejected the batch (no snapshot was made).
+    #[error("the uploader rejected batch {seq}: {code}")]
+    Rejected {
+        /// Batch sequence.
+        seq: u64,
+        /// Why.
+        code: RejectCode,
+    },
+}
+
+/// Why the consumer rejected a batch (stored in the reverse channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectCode {
+    /// The batch's frames were invalid (see the uploader's log for the frame and the reason).
+    Malformed,
+    /// The producer aborted the batch, or it was torn by a producer restart.
+    Aborted,
+    /// The uploader could not store the snapshot (backend failure; see the uploader's log).
+    StorageFailed,
+    /// The uploader is shutting down and abandoned the batch.
+    ShuttingDown,
+    /// A code this build does not know.
+    Other(u32),
+}
+
+impl RejectCode {
+    /// The wire value.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            RejectCode::Malformed => 1,
+            RejectCode::Aborted => 2,
+            RejectCode::StorageFailed => 3,
+            RejectCode::ShuttingDown => 4,
+            RejectCode::Other(c) => c,
+        }
+    }
+    /// From the wire value.
+    pub fn from_u32(c: u32) -> Self {
+        match c {
+            1 => RejectCode::Malformed,
+            2 => RejectCode::Aborted,
+            3 => RejectCode::StorageFailed,
+            4 => RejectCode::ShuttingDown,
+            c => RejectCode::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectCode::Malformed => f.write_str("malformed frames"),
+            RejectCode::Aborted => f.write_str("batch aborted or torn"),
+            RejectCode::StorageFailed => f.write_str("storing the snapshot failed"),
+            RejectCode::ShuttingDown => f.write_str("uploader shutting down"),
+            RejectCode::Other(c) => write!(f, "reason code {c}"),
+        }
+    }
+}
+
+/// Largest payload a ring of `capacity` bytes takes in one frame. Half the ring, so that a frame
+/// plus the padding before it always fits once the consumer has drained: progress is guaranteed.
+pub const fn max_payload(capacity: usize) -> usize {
+    capacity / 2 - FRAME_HEADER_LEN
+}
+
+fn publish_bytes(cfg: &RingConfig, capacity: usize) -> u64 {
+    cfg.publish_bytes.unwrap_or((capacity / 8).min(256 << 10)).max(FRAME_ALIGN) as u64
+}
+
+/// Bumps the peer's wake word and wakes it if it sleeps. The RMW orders this after the position
+/// store that precedes it: a sleeper whose own RMW on the word comes later sees the position.
+fn notify<M: Memory>(mem: &M, word: &AtomicU32) {
+    if word.fetch_add(2, Ordering::AcqRel) & 1 != 0 {
+        mem.wake(word);
+    }
+}
+
+/// Spin, then sleep on `me` (this side's wake word) until `ready()`, the deadline, or the peer's
+/// death. `ready` must do Acquire loads of what the peer publishes before notifying.
+fn block_until<M: Memory>(
+    mem: &M,
+    cfg: &RingConfig,
+    me: &AtomicU32,
+    peer: Role,
+    deadline: Option<Instant>,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), RingError> {
+    if ready() {
+        return Ok(());
+    }
+    if !cfg.spin.is_zero() {
+        let start = Instant::now();
+        while start.elapsed() < cfg.spin {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            if ready() {
+                return Ok(());
+            }
+        }
+    }
+    let mut last_check = Instant::now();
+    loop {
+        // Announce the sleep with an RMW, then re-check: a notifier whose RMW is ordered before
+        // ours made its position visible to us; one ordered after ours sees the bit and wakes us.
+        let armed = me.fetch_or(1, Ordering::AcqRel) | 1;
+        if ready() {
+            me.fetch_and(!1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now.duration_since(last_check) >= cfg.tick {
+            last_check = now;
+            if !mem.peer_alive(peer) {
+                me.fetch_and(!1, Ordering::Relaxed);
+                return if ready() { Ok(()) } else { Err(RingError::PeerGone { peer }) };
+            }
+        }
+        let mut sleep = cfg.tick;
+        if let Some(d) = deadline {
+            if now >= d {
+                me.fetch_and(!1, Ordering::Relaxed);
+                return if ready() { Ok(()) } else { Err(RingError::Timeout { peer }) };
+            }
+            sleep = sleep.min(d - now);
+        }
+        mem.wait(me, armed, sleep);
+        me.fetch_and(!1, Ordering::Relaxed);
+        if ready() {
+            return Ok(());
+        }
+    }
+}
+
+fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+struct ProducerState {
+    capacity: usize,
+    /// Committed position (frames written up to here).
+    head: u64,
+    /// Last published head.
+    published: u64,
+    /// Last tail read from the consumer.
+    cached_tail: u64,
+    publish_bytes: u64,
+}
+
+impl ProducerState {
+    fn free(&self) -> u64 {
+        self.capacity as u64 - (self.head - self.cached_tail)
+    }
+
+    /// Bytes needed for a frame of `total` bytes at the current head (including padding).
+    fn needed(&self, total: usize) -> u64 {
+        let idx = (self.head % self.capacity as u64) as usize;
+        let contiguous = self.capacity - idx;
+        if total <= contiguous { total as u64 } else { (contiguous + total) as u64 }
+    }
+}
+
+/// The producing half of a ring. One per segment: attach makes sure of it.
+pub struct Producer<M: Memory> {
+    mem: M,
+    st: ProducerState,
+    cfg: RingConfig,
+}
+
+/// Reserved, not yet visible space for one frame's payload. Write it, then [`Reservation::commit`].
+/// Dropping it uncommitted leaves nothing visible.
+pub struct Reservation<'a, M: Memory> {
+    mem: &'a M,
+    st: &'a mut ProducerState,
+    kind: FrameKind,
+    off: usize,
+    buf: M::Write<'a>,
+}
+
+impl<M: Memory> Producer<M> {
+    /// The producing half over `mem`, continuing from the positions published there.
+    pub fn new(mem: M, cfg: RingConfig) -> Self {
+        let capacity = mem.capacity();
+        let sh = mem.shared();
+        let head = sh.head.load(Ordering::Acquire);
+        let cached_tail = sh.tail.load(Ordering::Acquire);
+        let st = ProducerState {
+            capacity,
+            head,
+            published: head,
+            cached_tail,
+            publish_bytes: publish_bytes(&cfg, capacity),
+        };
+        Self { mem, st, cfg }
+    }
+
+    /// The memory this producer writes to.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Bytes in the ring.
+    pub fn capacity(&self) -> usize {
+        self.st.capacity
+    }
+
+    /// Largest payload one frame can carry.
+    pub fn max_payload(&self) -> usize {
+        max_payload(self.st.capacity)
+    }
+
+    /// Reserves room for a frame of `kind` with a `len`-byte payload, waiting up to `timeout`
+    /// for the consumer to make room.
+    pub fn reserve(&mut self, kind: FrameKind, len: usize, timeout: Duration) -> Result<Reservation<'_, M>, RingError> {
+        self.reserve_until(kind, len, deadline(timeout))
+    }
+
+    /// Like [`Producer::reserve`] but returns `Ok(None)` instead of waiting.
+    pub fn try_reserve(&mut self, kind: FrameKind, len: usize) -> Result<Option<Reservation<'_, M>>, RingError> {
+        let total = self.check_len(len)?;
+        let need = self.st.needed(total);
+        if self.st.free() < need {
+            self.st.cached_tail = self.mem.shared().tail.load(Ordering::Acquire);
+            if self.st.free() < need {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.reserve_unchecked(kind, len, total)))
+    }
+
+    fn check_len(&self, len: usize) -> Result<usize, RingError> {
+        let max = self.max_payload();
+        if len > max {
+            return Err(RingError::FrameTooLarge { len, max });
+        }
+        Ok(frame_size(len))
+    }
+
+    fn reserve_until(
+        &mut self,
+        kind: FrameKind,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Reservation<'_, M>, RingError> {
+        let total = self.check_len(len)?;
+        let need = self.st.needed(total);
+        if self.st.free() < need {
+            self.st.cached_tail = self.mem.shared().tail.load(Ordering::Acquire);
+            if self.st.free() < need {
+                // The consumer may be waiting for what we committed: publish before sleeping.
+                self.publish();
+                let (mem, st) = (&self.mem, &mut self.st);
+                let sh = mem.shared();
+                block_until(mem, &self.cfg, &sh.producer.wake, Role::Consumer, deadline, || {
+                    st.cached_tail = sh.tail.load(Ordering::Acquire);
+                    st.free() >= need
+                })?;
+            }
+        }
+        Ok(self.reserve_unchecked(kind, len, total))
+    }
+
+    /// Room is known to be free: write padding if needed and hand out the payload bytes.
+    fn reserve_unchecked(&mut self, kind: FrameKind, len: usize, total: usize) -> Reservation<'_, M> {
+        let cap = self.st.capacity;
+        let mut idx = (self.st.head % cap as u64) as usize;
+        let contiguous = cap - idx;
+        if total > contiguous {
+            let pad = FrameHeader::new(FrameKind::Padding, (contiguous - FRAME_HEADER_LEN) as u32);
+            // SAFETY: [idx, idx + 8) lies inside the ring (idx is 8-aligned and < cap) and between
+            // head and cached_tail + capacity, which the consumer has released.
+            unsafe { self.mem.write(idx, FRAME_HEADER_LEN) }.copy_from_slice(&pad.to_bytes());
+            self.st.head += contiguous as u64;
+            idx = 0;
+        }
+        let off = idx + FRAME_HEADER_LEN;
+        // SAFETY: [off, off + len) is inside the ring (total fits in the contiguous room checked
+        // above) and in the free part that only the producer may touch until it publishes.
+        let buf = unsafe { self.mem.write(off, len) };
+        Reservation { mem: &self.mem, st: &mut self.st, kind, off, buf }
+    }
+
+    /// Encodes `frame` into the ring (waiting up to `timeout` for room).
+    pub fn send(&mut self, frame: &Frame<'_>, timeout: Duration) -> Result<(), RingError> {
+        frame.validate()?;
+        let mut r = self.reserve(frame.kind(), frame.encoded_len(), timeout)?;
+        frame.encode(&mut r)?;
+        r.commit();
+        Ok(())
+    }
+
+    /// Publishes every committed frame and wakes the consumer if it sleeps.
+    pub fn flush(&mut self) {
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        publish_head(&self.mem, &mut self.st);
+    }
+
+    /// Committed but unpublished bytes.
+    pub fn unpublished(&self) -> u64 {
+        self.st.head - self.st.published
+    }
+
+    /// Sequence the next batch should use (one past the last BEGIN any producer recorded).
+    pub fn next_batch_seq(&self) -> u64 {
+        self.mem.shared().batch.begun_seq.load(Ordering::Acquire) + 1
+    }
+
+    /// Records that a BEGIN with `seq` was written, so a restarted producer continues after it.
+    pub fn record_begun(&self, seq: u64) {
+        self.mem.shared().batch.begun_seq.store(seq, Ordering::Release);
+    }
+
+    /// The consumer's attach epoch now; compare it with [`Producer::wait_durable`]'s argument to
+    /// learn that the consumer was replaced mid-batch.
+    pub fn consumer_epoch(&self) -> u64 {
+        self.mem.shared().consumer.epoch.load(Ordering::Acquire)
+    }
+
+    /// Waits until the consumer reports batch `seq` durable (returns the snapshot id) or rejected.
+    /// `consumer_epoch` is the value of [`Producer::consumer_epoch`] when the batch began: if the
+    /// consumer was replaced since, the batch is lost with it and this returns `PeerGone`.
+    pub fn wait_durable(&mut self, seq: u64, consumer_epoch: u64, timeout: Duration) -> Result<[u8; 32], RingError> {
+        self.publish();
+        let sh = self.mem.shared();
+        let mut outcome = None;
+        let gone = RingError::PeerGone { peer: Role::Consumer };
+        block_until(&self.mem, &self.cfg, &sh.producer.wake, Role::Consumer, deadline(timeout), || {
+            if sh.reverse.durable_seq.load(Ordering::Acquire) >= seq {
+                outcome = Some(Ok(()));
+            } else if sh.reverse.rejected_seq.load(Ordering::Acquire) >= seq {
+                let code = RejectCode::from_u32(sh.reverse.rejected_code.load(Ordering::Relaxed));
+                outcome = Some(Err(RingError::Rejected { seq, code }));
+            } else if sh.consumer.epoch.load(Ordering::Acquire) != consumer_epoch {
+                outcome = Some(Err(gone.clone()));
+            }
+            outcome.is_some()
+        })?;
+        match outcome {
+            Some(Ok(())) => {
+                let mut id = [0u8; 32];
+                for (chunk, word) in id.chunks_exact_mut(8).zip(&sh.reverse.durable_id) {
+                    chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+                }
+                Ok(id)
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(gone),
+        }
+    }
+}
+
+fn publish_head<M: Memory>(mem: &M, st: &mut ProducerState) {
+    if st.head != st.published {
+        let sh = mem.shared();
+        sh.head.store(st.head, Ordering::Release);
+        st.published = st.head;
+        notify(mem, &sh.consumer.wake);
+    }
+}
+
+impl<M: Memory> Reservation<'_, M> {
+    /// Makes the whole reservation one frame.
+    pub fn commit(self) {
+        let len = self.buf.len();
+        self.commit_len(len);
+    }
+
+    /// Makes the first `used` bytes one frame (e.g. after a short `read()` into the reservation).
+    ///
+    /// # Panics
+    /// If `used` is larger than the reservation (a caller bug, never input-dependent).
+    pub fn commit_len(self, used: usize) {
+        assert!(used <= self.buf.len(), "committing {used} bytes of a {}-byte reservation", self.buf.len());
+        let Reservation { mem, st, kind, off, buf } = self;
+        drop(buf);
+        let header = FrameHeader::new(kind, used as u32);
+        // The header goes in last; it becomes visible to the consumer only with the next head
+        // publication (Release), which is the commit point.
+        // SAFETY: [off - 8, off) is the header slot reserved together with the payload.
+        unsafe { mem.write(off - FRAME_HEADER_LEN, FRAME_HEADER_LEN) }.copy_from_slice(&header.to_bytes());
+        st.head += frame_size(used) as u64;
+        let sleeping = mem.shared().consumer.wake.load(Ordering::Relaxed) & 1 != 0;
+        if st.head - st.published >= st.publish_bytes || sleeping {
+            publish_head(mem, st);
+        }
+    }
+
+    /// The frame type being written.
+    pub fn kind(&self) -> FrameKind {
+        self.kind
+    }
+}
+
+impl<M: Memory> Deref for Reservation<'_, M> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl<M: Memory> DerefMut for Reservation<'_, M> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+struct ConsumerState {
+    capacity: usize,
+    /// Position of the next unread frame.
+    tail: u64,
+    /// Last published tail.
+    published: u64,
+    /// Last head read from the producer.
+    cached_head: u64,
+    publish_bytes: u64,
+}
+
+/// The consuming half of a ring.
+pub struct Consumer<M: Memory> {
+    mem: M,
+    st: ConsumerState,
+    cfg: RingConfig,
+}
+
+/// One readable frame. Read its payload, then [`FrameRef::release`] it; dropping it without
+/// release leaves it to be returned again by the next `peek`.
+pub struct FrameRef<'a, M: Memory> {
+    mem: &'a M,
+    st: &'a mut ConsumerState,
+    kind: u8,
+    pos: u64,
+    payload: M::Read<'a>,
+    total: usize,
+}
+
+impl<M: Memory> FrameRef<'_, M> {
+    /// The frame type byte (unknown values are the codec's to reject).
+    pub fn kind(&self) -> u8 {
+        self.kind
+    }
+    /// Position of the frame in the ring stream.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    /// The payload, in the ring (zero-copy). Untrusted: the producer could still change it.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    /// Decodes the payload.
+    pub fn decode(&self) -> Result<Frame<'_>, crate::frame::CodecError> {
+        crate::frame::decode(self.kind, &self.payload)
+    }
+    /// Consumes the frame; its space returns to the producer at the next tail publication.
+    pub fn release(self) {
+        let FrameRef { mem, st, payload, total, .. } = self;
+        drop(payload);
+        st.tail += total as u64;
+        if st.tail - st.published >= st.publish_bytes {
+            publish_tail(mem, st);
+        }
+    }
+}
+
+fn publish_tail<M: Memory>(mem: &M, st: &mut ConsumerState) {
+    if st.tail != st.published {
+        let sh = mem.shared();
+        sh.tail.store(st.tail, Ordering::Release);
+        st.published = st.tail;
+        notify(mem, &sh.producer.wake);
+    }
+}
+
+impl<M: Memory> Consumer<M> {
+    /// The consuming half over `mem`, continuing from the positions published there.
+    pub fn new(mem: M, cfg: RingConfig) -> Self {
+        let capacity = mem.capacity();
+        let sh = mem.shared();
+        let tail = sh.tail.load(Ordering::Acquire);
+        let cached_head = sh.head.load(Ordering::Acquire);
+        let st = ConsumerState {
+            capacity,
+            tail,
+            published: tail,
+            cached_head,
+            publish_bytes: publish_bytes(&cfg, capacity),
+        };
+        Self { mem, st, cfg }
+    }
+
+    /// The memory this consumer reads from.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Bytes in the ring.
+    pub fn capacity(&self) -> usize {
+        self.st.capacity
+    }
+
+    /// The next frame if one is published, without waiting. Padding is skipped here.
+    /// A structurally invalid ring returns [`RingError::Corrupt`] after discarding everything
+    /// published (the producer must start a new batch).
+    pub fn peek(&mut self) -> Result<Option<FrameRef<'_, M>>, RingError> {
+        let cap = self.st.capacity;
+        loop {
+            if self.st.tail == self.st.cached_head {
+                self.st.cached_head = self.mem.shared().head.load(Ordering::Acquire);
+                if self.st.tail == self.st.cached_head {
+                    // Drained: give the producer all the room before it has to ask.
+                    publish_tail(&self.mem, &mut self.st);
+                    return Ok(None);
+                }
+            }
+            let pos = self.st.tail;
+            let avail = self.st.cached_head.wrapping_sub(pos);
+            let idx = (pos % cap as u64) as usize;
+            let contiguous = cap - idx;
+            let bad = if avail > cap as u64 {
+                Some(format!("head {} is more than the capacity ({cap}) ahead of tail", self.st.cached_head))
+            } else if avail % FRAME_ALIGN as u64 != 0 {
+                Some(format!("head {} is not {FRAME_ALIGN}-byte aligned", self.st.cached_head))
+            } else {
+                None
+            };
+            if let Some(what) = bad {
+                return Err(self.corrupt(pos, what));
+            }
+            // SAFETY: idx is 8-aligned and < cap, so [idx, idx + 8) is inside the ring; it is
+            // published (avail >= 8, as avail is a non-zero multiple of 8) and not released.
+            let header = FrameHeader::read(&unsafe { self.mem.read(idx, FRAME_HEADER_LEN) });
+            let Some(header) = header else {
+                return Err(self.corrupt(pos, "unreadable frame header".into()));
+            };
+            if header.version != CODEC_VERSION || header.flags != 0 {
+                let what = format!(
+                    "frame header version {} flags {:#x} (expected version {CODEC_VERSION}, flags 0)",
+                    header.version, header.flags
+                );
+                return Err(self.corrupt(pos, what));
+            }
+            let len = header.len as usize;
+            let total = frame_size(len);
+            if total as u64 > avail || total > contiguous {
+                let what = format!("frame of {len} payload bytes overruns the published data or the ring end");
+                return Err(self.corrupt(pos, what));
+            }
+            if header.kind == FrameKind::Padding as u8 {
+                if total != contiguous {
+                    return Err(self.corrupt(pos, "padding frame does not end at the ring end".into()));
+                }
+                self.st.tail += total as u64;
+                continue;
+            }
+            // SAFETY: checked above: [idx + 8, idx + 8 + len) is inside the ring and published.
+            let payload = unsafe { self.mem.read(idx + FRAME_HEADER_LEN, len) };
+            return Ok(Some(FrameRef { mem: &self.mem, st: &mut self.st, kind: header.kind, pos, payload, total }));
+        }
+    }
+
+    fn corrupt(&mut self, pos: u64, what: String) -> RingError {
+        self.discard_published();
+        RingError::Corrupt { pos, what }
+    }
+
+    /// Drops everything published so far (after corruption, or to skip a torn batch).
+    pub fn discard_published(&mut self) {
+        self.st.cached_head = self.mem.shared().head.load(Ordering::Acquire);
+        self.st.tail = self.st.cached_head;
+        publish_tail(&self.mem, &mut self.st);
+    }
+
+    /// Waits up to `timeout` until a frame is readable. `PeerGone` means the producer is dead and
+    /// the ring is drained: whatever batch it had open is torn.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(), RingError> {
+        if self.st.tail != self.st.cached_head {
+            return Ok(());
+        }
+        publish_tail(&self.mem, &mut self.st);
+        let (mem, st) = (&self.mem, &mut self.st);
+        let sh = mem.shared();
+        block_until(mem, &self.cfg, &sh.consumer.wake, Role::Producer, deadline(timeout), || {
+            st.cached_head = sh.head.load(Ordering::Acquire);
+            st.cached_head != st.tail
+        })
+    }
+
+    /// Waits up to `timeout` for the next frame and returns it.
+    pub fn recv(&mut self, timeout: Duration) -> Result<FrameRef<'_, M>, RingError> {
+        let end = deadline(timeout);
+        loop {
+            let left = end.map_or(timeout, |e| e.saturating_duration_since(Instant::now()));
+            self.wait(left)?;
+            // A published run that was only padding leaves nothing to return: wait again.
+            if self.peek_is_some()? {
+                break;
+            }
+        }
+        let pos = self.st.tail;
+        // Only a producer rewriting published bytes can make the frame vanish between peeks.
+        self.peek()?.ok_or_else(|| RingError::Corrupt { pos, what: "published frame changed while being read".into() })
+    }
+
+    fn peek_is_some(&mut self) -> Result<bool, RingError> {
+        Ok(self.peek()?.is_some())
+    }
+
+    /// Publishes released space now (instead of at the next threshold).
+    pub fn flush(&mut self) {
+        publish_tail(&self.mem, &mut self.st);
+    }
+
+    /// Records that batch `seq` is durable with snapshot `id`, and wakes the producer.
+    pub fn publish_durable(&mut self, seq: u64, id: &[u8; 32]) {
+        let sh = self.mem.shared();
+        for (word, chunk) in sh.reverse.durable_id.iter().zip(id.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        // Release: the id words above are visible to whoever acquires this sequence.
+        sh.reverse.durable_seq.store(seq, Ordering::Release);
+        notify(&self.mem, &sh.producer.wake);
+    }
+
+    /// Records that batch `seq` was rejected, and wakes the producer.
+    pub fn publish_rejected(&mut self, seq: u64, code: RejectCode) {
+        let sh = self.mem.shared();
+        sh.reverse.rejected_code.store(code.to_u32(), Ordering::Relaxed);
+        sh.reverse.rejected_seq.store(seq, Ordering::Release);
+        notify(&self.mem, &sh.producer.wake);
+    }
+}
