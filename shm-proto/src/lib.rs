@@ -39,6 +39,9 @@
 
 pub mod batch;
 pub mod frame;
+#[doc(hidden)]
+#[cfg(not(loom))]
+pub mod fuzzing;
 pub mod layout;
 pub mod model;
 pub mod ring;
