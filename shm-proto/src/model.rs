@@ -22,7 +22,11 @@ type Alive = std::sync::atomic::AtomicBool;
 /// Ring memory on the heap, shared by a producer and a consumer in one process (wrap in `Arc`).
 pub struct HeapMemory {
     shared: RingShared,
-    bytes: Box<[UnsafeCell<u8>]>,
+    /// The ring bytes: a leaked `Box<[UnsafeCell<u8>]>` (freed in `Drop`). Every slice is made
+    /// from this raw pointer and covers only its range: re-borrowing the whole buffer on each
+    /// access would overlap the other side's live slice (miri's Stacked Borrows rejects that).
+    base: *mut u8,
+    capacity: usize,
     #[cfg(loom)]
     slots: Box<[loom::cell::UnsafeCell<()>]>,
     lock: Mutex<()>,
@@ -43,7 +47,9 @@ impl HeapMemory {
         assert!(capacity.is_power_of_two() && capacity >= 64, "capacity must be a power of two >= 64");
         Self {
             shared: RingShared::default(),
-            bytes: (0..capacity).map(|_| UnsafeCell::new(0)).collect(),
+            base: UnsafeCell::raw_get(Box::into_raw((0..capacity).map(|_| UnsafeCell::new(0u8)).collect::<Box<[_]>>())
+                as *const UnsafeCell<u8>),
+            capacity,
             #[cfg(loom)]
             slots: (0..capacity / 8).map(|_| loom::cell::UnsafeCell::new(())).collect(),
             lock: Mutex::new(()),
@@ -71,12 +77,22 @@ impl HeapMemory {
     }
 
     fn ptr(&self, off: usize) -> *mut u8 {
-        UnsafeCell::raw_get(self.bytes[off..].as_ptr())
+        // SAFETY: callers check `off <= capacity`; the allocation is `capacity` bytes.
+        unsafe { self.base.add(off) }
     }
 
     #[cfg(loom)]
     fn slot_range(off: usize, len: usize) -> std::ops::Range<usize> {
         off / 8..(off + len).div_ceil(8)
+    }
+}
+
+impl Drop for HeapMemory {
+    fn drop(&mut self) {
+        let cells = std::ptr::slice_from_raw_parts_mut(self.base as *mut UnsafeCell<u8>, self.capacity);
+        // SAFETY: `base` and `capacity` come from `Box::into_raw` of exactly this slice in `new`,
+        // and nothing borrows the bytes any more (`&mut self`).
+        drop(unsafe { Box::from_raw(cells) });
     }
 }
 
@@ -126,11 +142,11 @@ unsafe impl Memory for HeapMemory {
     }
 
     fn capacity(&self) -> usize {
-        self.bytes.len()
+        self.capacity
     }
 
     unsafe fn write(&self, off: usize, len: usize) -> HeapWrite<'_> {
-        assert!(off + len <= self.bytes.len());
+        assert!(off + len <= self.capacity);
         // SAFETY: in bounds (checked above); the caller guarantees exclusive use of the range, and
         // the cells are `UnsafeCell`, so writing through a shared reference is allowed.
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.ptr(off), len) };
@@ -142,7 +158,7 @@ unsafe impl Memory for HeapMemory {
     }
 
     unsafe fn read(&self, off: usize, len: usize) -> HeapRead<'_> {
-        assert!(off + len <= self.bytes.len());
+        assert!(off + len <= self.capacity);
         // SAFETY: in bounds (checked above); the caller guarantees nobody writes the range now.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr(off), len) };
         HeapRead {

@@ -1,0 +1,58 @@
+//! The other process of the cross-process benchmarks.
+//! - `ring SEGMENT`: consumer; copies each DATA payload out, acks each COMMIT (its `entries`
+//!   field carries the sequence), exits when the producer is gone.
+//! - `pipe`: reads transfers from stdin, acks on stdout.
+//! - `socket PATH`: connects to a unix socket, reads transfers, acks on it.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use shmback_benches::serve_stream;
+use shmback_proto::{Frame, RingError, Segment, SegmentOptions};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut buf = vec![0u8; 1 << 21];
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["ring", seg] => {
+            let opts = SegmentOptions { capacity: None, create: false, ..SegmentOptions::default() };
+            let mut c = Segment::consumer(seg, &opts).expect("attach");
+            println!("ready");
+            loop {
+                let f = match c.recv(Duration::from_secs(60)) {
+                    Ok(f) => f,
+                    Err(RingError::PeerGone { .. }) => return,
+                    Err(e) => panic!("{e}"),
+                };
+                let ack = match f.decode().expect("valid frame") {
+                    Frame::Data(d) => {
+                        buf[..d.len()].copy_from_slice(d);
+                        std::hint::black_box(&buf);
+                        None
+                    }
+                    Frame::Commit { entries, .. } => Some(entries),
+                    other => panic!("unexpected {other:?}"),
+                };
+                f.release();
+                if let Some(seq) = ack {
+                    c.publish_durable(seq, &[0; 32]);
+                }
+            }
+        }
+        ["pipe"] => {
+            let (mut i, mut o) = (std::io::stdin().lock(), std::io::stdout().lock());
+            while serve_stream(&mut i, &mut o, &mut buf).expect("pipe") {}
+        }
+        ["socket", path] => {
+            let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+            let mut w = s.try_clone().unwrap();
+            while serve_stream(&mut s, &mut w, &mut buf).expect("socket") {}
+            let _ = w.write_all(&[]);
+            let _ = s.read(&mut []);
+        }
+        _ => {
+            eprintln!("usage: shmback-bench-peer ring SEGMENT | pipe | socket PATH");
+            std::process::exit(2);
+        }
+    }
+}
