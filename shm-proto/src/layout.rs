@@ -170,4 +170,16 @@ const _: () = {
     assert!(offset_of!(Ident, reverse_capacity) == 32);
     assert!(offset_of!(Ident, generation) == 40);
     assert!(offset_of!(Ident, created_unix_ns) == 48);
+    assert!(offset_of!(Peer, wake) == 0);
+    assert!(offset_of!(Peer, pid) == 4);
+    assert!(offset_of!(Peer, start_ticks) == 8);
+    assert!(offset_of!(Peer, epoch) == 16);
+    assert!(offset_of!(Reverse, durable_seq) == 0);
+    assert!(offset_of!(Reverse, durable_id) == 8);
+    assert!(offset_of!(Reverse, rejected_seq) == 40);
+    assert!(offset_of!(Reverse, rejected_code) == 48);
+    assert!(offset_of!(BatchState, begun_seq) == 0);
+    assert!(offset_of!(BatchState, want_seq) == 8);
+    assert!(offset_of!(BatchState, want_len) == 16);
+    assert!(offset_of!(BatchState, want_state) == 24);
 };

@@ -400,6 +400,7 @@ impl<M: Memory> Producer<M> {
 
     /// Like [`Producer::reserve`] but returns `Ok(None)` instead of waiting.
     pub fn try_reserve(&mut self, kind: FrameKind, len: usize) -> Result<Option<Reservation<'_, M>>, RingError> {
+        self.maybe_publish();
         let total = self.check_len(len)?;
         let need = self.st.needed(total);
         if self.st.free() < need {
@@ -425,6 +426,7 @@ impl<M: Memory> Producer<M> {
         len: usize,
         deadline: Option<Instant>,
     ) -> Result<Reservation<'_, M>, RingError> {
+        self.maybe_publish();
         let total = self.check_len(len)?;
         let need = self.st.needed(total);
         if self.st.free() < need {
@@ -481,9 +483,30 @@ impl<M: Memory> Producer<M> {
         publish_head(&self.mem, &mut self.st);
     }
 
+    /// Publishes once a batch of frames is committed, or early when the consumer sleeps (a Relaxed
+    /// peek at its wake bit: a stale value delays publication, never loses it).
+    fn maybe_publish(&mut self) {
+        let pending = self.st.head - self.st.published;
+        if pending >= self.st.publish_bytes
+            || (pending > 0 && self.mem.shared().consumer.wake.load(Ordering::Relaxed) & 1 != 0)
+        {
+            self.publish();
+        }
+    }
+
     /// Committed but unpublished bytes.
     pub fn unpublished(&self) -> u64 {
         self.st.head - self.st.published
+    }
+
+    /// Stream position after the last committed frame.
+    pub fn position(&self) -> u64 {
+        self.st.head
+    }
+
+    /// Stream position up to which frames are published (visible to the consumer).
+    pub fn published_position(&self) -> u64 {
+        self.st.published
     }
 
     /// Sequence the next batch should use (one past the last BEGIN any producer recorded).
@@ -565,10 +588,9 @@ impl<M: Memory> Reservation<'_, M> {
         // SAFETY: [off - 8, off) is the header slot reserved together with the payload.
         unsafe { mem.write(off - FRAME_HEADER_LEN, FRAME_HEADER_LEN) }.copy_from_slice(&header.to_bytes());
         st.head += frame_size(used) as u64;
-        let sleeping = mem.shared().consumer.wake.load(Ordering::Relaxed) & 1 != 0;
-        if st.head - st.published >= st.publish_bytes || sleeping {
-            publish_head(mem, st);
-        }
+        // No publication here: `self` (and with it the payload borrow) is a live argument of this
+        // call, so the bytes must not become readable before it returns. The next reserve, flush
+        // or wait publishes.
     }
 
     /// The frame type being written.
@@ -610,8 +632,7 @@ pub struct Consumer<M: Memory> {
 
 /// One readable frame. Read its payload, then [`FrameRef::release`] it; dropping it without
 /// release leaves it to be returned again by the next `peek`.
-pub struct FrameRef<'a, M: Memory> {
-    mem: &'a M,
+pub struct FrameRef<'a, M: Memory + 'a> {
     st: &'a mut ConsumerState,
     kind: u8,
     pos: u64,
@@ -619,7 +640,7 @@ pub struct FrameRef<'a, M: Memory> {
     total: usize,
 }
 
-impl<M: Memory> FrameRef<'_, M> {
+impl<'a, M: Memory + 'a> FrameRef<'a, M> {
     /// The frame type byte (unknown values are the codec's to reject).
     pub fn kind(&self) -> u8 {
         self.kind
@@ -638,12 +659,11 @@ impl<M: Memory> FrameRef<'_, M> {
     }
     /// Consumes the frame; its space returns to the producer at the next tail publication.
     pub fn release(self) {
-        let FrameRef { mem, st, payload, total, .. } = self;
+        let FrameRef { st, payload, total, .. } = self;
         drop(payload);
         st.tail += total as u64;
-        if st.tail - st.published >= st.publish_bytes {
-            publish_tail(mem, st);
-        }
+        // Published by the next peek (or wait/flush): the payload borrow is still a live argument
+        // of this call, so the producer must not be given the bytes yet.
     }
 }
 
@@ -687,6 +707,9 @@ impl<M: Memory> Consumer<M> {
     /// A structurally invalid ring returns [`RingError::Corrupt`] after discarding everything
     /// published (the producer must start a new batch).
     pub fn peek(&mut self) -> Result<Option<FrameRef<'_, M>>, RingError> {
+        if self.st.tail - self.st.published >= self.st.publish_bytes {
+            publish_tail(&self.mem, &mut self.st);
+        }
         let cap = self.st.capacity;
         loop {
             if self.st.tail == self.st.cached_head {
@@ -739,7 +762,7 @@ impl<M: Memory> Consumer<M> {
             }
             // SAFETY: checked above: [idx + 8, idx + 8 + len) is inside the ring and published.
             let payload = unsafe { self.mem.read(idx + FRAME_HEADER_LEN, len) };
-            return Ok(Some(FrameRef { mem: &self.mem, st: &mut self.st, kind: header.kind, pos, payload, total }));
+            return Ok(Some(FrameRef { st: &mut self.st, kind: header.kind, pos, payload, total }));
         }
     }
 

@@ -60,8 +60,12 @@ proptest! {
     fn agrees_with_vecdeque_model(ops in proptest::collection::vec(op(), 1..120), publish in 8usize..200) {
         let cfg = RingConfig { publish_bytes: Some(publish), ..fast() };
         let (_mem, mut p, mut c) = pair(256, cfg);
-        let mut committed: VecDeque<Vec<u8>> = VecDeque::new();
-        let mut published = 0usize; // frames of `committed` the consumer may see
+        // Committed frames with the stream position where each ends.
+        let mut committed: VecDeque<(Vec<u8>, u64)> = VecDeque::new();
+        // Frames of `committed` the consumer may see: those ending at or before the published head.
+        let visible = |c: &VecDeque<(Vec<u8>, u64)>, p: &Producer<Arc<HeapMemory>>| {
+            c.iter().take_while(|(_, end)| *end <= p.published_position()).count()
+        };
         let mut counter = 0u8;
         for op in ops {
             match op {
@@ -73,18 +77,13 @@ proptest! {
                         Some(mut r) => {
                             r[..used].copy_from_slice(&payload);
                             r.commit_len(used);
-                            committed.push_back(payload);
-                            if p.unpublished() == 0 {
-                                published = committed.len();
-                            }
+                            committed.push_back((payload, p.position()));
                         }
                         None => {
                             // Full: after draining everything, the same request must fit.
                             p.flush();
-                            published = committed.len();
                             while let Some(f) = c.peek().unwrap() {
-                                prop_assert_eq!(f.payload(), &committed.pop_front().unwrap()[..]);
-                                published -= 1;
+                                prop_assert_eq!(f.payload(), &committed.pop_front().unwrap().0[..]);
                                 f.release();
                             }
                             c.flush();
@@ -96,18 +95,15 @@ proptest! {
                 Op::Cancel { len } => {
                     let _ = p.try_reserve(FrameKind::Data, len).unwrap();
                 }
-                Op::Flush => {
-                    p.flush();
-                    published = committed.len();
-                }
+                Op::Flush => p.flush(),
                 Op::Read(n) => {
                     for _ in 0..n {
+                        let published = visible(&committed, &p);
                         match c.peek().unwrap() {
                             Some(f) => {
                                 prop_assert!(published > 0, "consumer saw an unpublished frame");
                                 prop_assert_eq!(f.kind(), FrameKind::Data as u8);
-                                prop_assert_eq!(f.payload(), &committed.pop_front().unwrap()[..]);
-                                published -= 1;
+                                prop_assert_eq!(f.payload(), &committed.pop_front().unwrap().0[..]);
                                 f.release();
                             }
                             None => {
@@ -121,7 +117,7 @@ proptest! {
         }
         p.flush();
         while let Some(f) = c.peek().unwrap() {
-            prop_assert_eq!(f.payload(), &committed.pop_front().unwrap()[..]);
+            prop_assert_eq!(f.payload(), &committed.pop_front().unwrap().0[..]);
             f.release();
         }
         prop_assert!(committed.is_empty());
