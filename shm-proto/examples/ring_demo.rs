@@ -144,7 +144,8 @@ fn produce(dir: &Path, ring: usize) -> Result<(), Box<dyn std::error::Error>> {
             let mut r = p.reserve(FrameKind::Data, want, TIMEOUT)?;
             let n = f.read(&mut r)?;
             if n == 0 {
-                drop(r);
+                // The reservation is dropped uncommitted: nothing of it becomes visible.
+                let _ = r;
                 p.send(&Frame::Abort { code: 3, reason: format!("{} shrank while read", full.display()) }, TIMEOUT)?;
                 return Err(format!("{} shrank while it was read; batch aborted", full.display()).into());
             }

@@ -726,7 +726,7 @@ impl<M: Memory> Consumer<M> {
             let contiguous = cap - idx;
             let bad = if avail > cap as u64 {
                 Some(format!("head {} is more than the capacity ({cap}) ahead of tail", self.st.cached_head))
-            } else if avail % FRAME_ALIGN as u64 != 0 {
+            } else if !avail.is_multiple_of(FRAME_ALIGN as u64) {
                 Some(format!("head {} is not {FRAME_ALIGN}-byte aligned", self.st.cached_head))
             } else {
                 None

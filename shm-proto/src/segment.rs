@@ -373,7 +373,7 @@ impl Segment {
             return Err(bad(format!("ring capacity {cap} is not a power of two in {MIN_CAPACITY}..={MAX_CAPACITY}")));
         }
         let rev = id.reverse_capacity.load(Ordering::Relaxed);
-        if rev > MAX_REVERSE_CAPACITY as u64 || rev % 8 != 0 {
+        if rev > MAX_REVERSE_CAPACITY as u64 || !rev.is_multiple_of(8) {
             return Err(bad(format!("reverse capacity {rev} is not a multiple of 8 up to {MAX_REVERSE_CAPACITY}")));
         }
         let expected = HEADER_SIZE + cap + rev;
@@ -517,7 +517,7 @@ fn check_options(opts: &SegmentOptions) -> Result<(), SegmentError> {
             "ring size {c} must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY} bytes"
         )));
     }
-    if opts.reverse_capacity > MAX_REVERSE_CAPACITY || opts.reverse_capacity % 8 != 0 {
+    if opts.reverse_capacity > MAX_REVERSE_CAPACITY || !opts.reverse_capacity.is_multiple_of(8) {
         return Err(SegmentError::InvalidOptions(format!(
             "reverse area {} must be a multiple of 8 up to {MAX_REVERSE_CAPACITY} bytes",
             opts.reverse_capacity
@@ -646,9 +646,7 @@ fn allocate(file: &File, path: &Path, size: u64) -> Result<(), SegmentError> {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::ENOSPC) => {
             let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-            let avail = nix::sys::statvfs::statvfs(&dir)
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
-                .unwrap_or(0);
+            let avail = nix::sys::statvfs::statvfs(&dir).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0);
             Err(SegmentError::NoSpace { dir, need: size, avail })
         }
         Err(e) => Err(io_err("allocating segment", path)(e.into())),
