@@ -1,5 +1,8 @@
-//! A producer for cross-process tests: `shmback-test-peer produce SEGMENT NONCE` attaches to the
-//! segment and writes patterned DATA frames as fast as it can until it is killed.
+//! Helper process for cross-process tests.
+//! - `shmback-test-peer produce SEGMENT NONCE`: attaches to the segment and writes patterned DATA
+//!   frames as fast as it can until it is killed.
+//! - `shmback-test-peer create SEGMENT CAPACITY`: creates a segment; prints the error and exits 1
+//!   if that fails (used inside a deliberately tiny tmpfs).
 
 use std::time::Duration;
 
@@ -9,9 +12,20 @@ use shmback_tests::{frame_len, pattern};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, cmd, segment, nonce] = &args[..] else {
-        eprintln!("usage: shmback-test-peer produce SEGMENT NONCE");
+        eprintln!("usage: shmback-test-peer produce SEGMENT NONCE | create SEGMENT CAPACITY");
         std::process::exit(2);
     };
+    if cmd == "create" {
+        let opts = SegmentOptions { capacity: Some(nonce.parse().expect("CAPACITY")), ..SegmentOptions::default() };
+        match Segment::open(segment, shmback_proto::Role::Consumer, &opts) {
+            Ok(_) => println!("created"),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     assert_eq!(cmd, "produce", "unknown command {cmd}");
     let nonce: u64 = nonce.parse().expect("NONCE is a number");
     let opts = SegmentOptions {
