@@ -332,7 +332,27 @@ struct ProducerState {
 
 impl ProducerState {
     fn free(&self) -> u64 {
-        self.capacity as u64 - (self.head - self.cached_tail)
+        (self.capacity as u64).saturating_sub(self.head.wrapping_sub(self.cached_tail))
+    }
+
+    /// Takes a tail the consumer published, after checking it: the tail is shared memory, and a
+    /// broken or hostile consumer must cause an error here, not an overflow.
+    fn observe_tail(&mut self, tail: u64) -> Result<(), RingError> {
+        let behind = self.head.wrapping_sub(tail);
+        let moved = tail.wrapping_sub(self.cached_tail);
+        if behind > self.capacity as u64 || moved > self.capacity as u64 || !tail.is_multiple_of(FRAME_ALIGN as u64) {
+            return Err(RingError::Corrupt {
+                pos: tail,
+                what: format!(
+                    "the consumer published tail {tail}, outside the written range [{}, {}]: the consumer \
+                     is broken or the segment was reset under us; re-attach",
+                    self.head.saturating_sub(self.capacity as u64),
+                    self.head
+                ),
+            });
+        }
+        self.cached_tail = tail;
+        Ok(())
     }
 
     /// Bytes needed for a frame of `total` bytes at the current head (including padding).
@@ -366,14 +386,20 @@ impl<M: Memory> Producer<M> {
         let capacity = mem.capacity();
         let sh = mem.shared();
         let head = sh.head.load(Ordering::Acquire);
-        let cached_tail = sh.tail.load(Ordering::Acquire);
-        let st = ProducerState {
+        let tail = sh.tail.load(Ordering::Acquire);
+        // Until the tail is validated by `observe_tail`, assume the ring is full: the first
+        // reserve then reads and checks it.
+        let full = head.wrapping_sub(capacity as u64);
+        let mut st = ProducerState {
             capacity,
             head,
             published: head,
-            cached_tail,
+            cached_tail: full,
             publish_bytes: publish_bytes(&cfg, capacity),
         };
+        if st.observe_tail(tail).is_err() {
+            st.cached_tail = full;
+        }
         Self { mem, st, cfg }
     }
 
@@ -404,7 +430,7 @@ impl<M: Memory> Producer<M> {
         let total = self.check_len(len)?;
         let need = self.st.needed(total);
         if self.st.free() < need {
-            self.st.cached_tail = self.mem.shared().tail.load(Ordering::Acquire);
+            self.st.observe_tail(self.mem.shared().tail.load(Ordering::Acquire))?;
             if self.st.free() < need {
                 return Ok(None);
             }
@@ -430,16 +456,22 @@ impl<M: Memory> Producer<M> {
         let total = self.check_len(len)?;
         let need = self.st.needed(total);
         if self.st.free() < need {
-            self.st.cached_tail = self.mem.shared().tail.load(Ordering::Acquire);
+            self.st.observe_tail(self.mem.shared().tail.load(Ordering::Acquire))?;
             if self.st.free() < need {
                 // The consumer may be waiting for what we committed: publish before sleeping.
                 self.publish();
                 let (mem, st) = (&self.mem, &mut self.st);
                 let sh = mem.shared();
+                let mut bad = None;
                 block_until(mem, &self.cfg, &sh.producer.wake, Role::Consumer, deadline, || {
-                    st.cached_tail = sh.tail.load(Ordering::Acquire);
-                    st.free() >= need
+                    if let Err(e) = st.observe_tail(sh.tail.load(Ordering::Acquire)) {
+                        bad = Some(e);
+                    }
+                    bad.is_some() || st.free() >= need
                 })?;
+                if let Some(e) = bad {
+                    return Err(e);
+                }
             }
         }
         Ok(self.reserve_unchecked(kind, len, total))
@@ -818,8 +850,16 @@ impl<M: Memory> Consumer<M> {
         publish_tail(&self.mem, &mut self.st);
     }
 
+    /// Sequence of the last batch acknowledged durable on this segment (by any consumer). A
+    /// consumer that starts mid-stream skips batches at or below it: they are stored already.
+    pub fn last_durable_seq(&self) -> u64 {
+        self.mem.shared().reverse.durable_seq.load(Ordering::Acquire)
+    }
+
     /// Records that batch `seq` is durable with snapshot `id`, and wakes the producer.
+    /// Released frames are published first, so a successor consumer never re-reads an acked batch.
     pub fn publish_durable(&mut self, seq: u64, id: &[u8; 32]) {
+        publish_tail(&self.mem, &mut self.st);
         let sh = self.mem.shared();
         for (word, chunk) in sh.reverse.durable_id.iter().zip(id.chunks_exact(8)) {
             let mut b = [0u8; 8];
@@ -833,6 +873,7 @@ impl<M: Memory> Consumer<M> {
 
     /// Records that batch `seq` was rejected, and wakes the producer.
     pub fn publish_rejected(&mut self, seq: u64, code: RejectCode) {
+        publish_tail(&self.mem, &mut self.st);
         let sh = self.mem.shared();
         sh.reverse.rejected_code.store(code.to_u32(), Ordering::Relaxed);
         sh.reverse.rejected_seq.store(seq, Ordering::Release);

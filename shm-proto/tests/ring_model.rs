@@ -286,3 +286,17 @@ fn a_restarted_side_continues_from_the_published_positions() {
         f.release();
     }
 }
+
+#[test]
+fn a_hostile_tail_is_an_error_for_the_producer_not_a_panic() {
+    // Ahead of head, far ahead, more than a ring behind head, unaligned.
+    for bogus in [|h: u64| h + 8, |h: u64| h.wrapping_add(u64::MAX / 2), |h: u64| h.wrapping_sub(1000), |h: u64| h - 3]
+    {
+        let (mem, mut p, _c) = pair(256, fast());
+        while p.try_reserve(FrameKind::Data, 32).unwrap().map(|r| r.commit()).is_some() {}
+        let tail = bogus(p.position());
+        mem.shared_words().tail.store(tail, std::sync::atomic::Ordering::Release);
+        assert!(matches!(p.try_reserve(FrameKind::Data, 32), Err(RingError::Corrupt { .. })), "tail {tail}");
+        assert!(matches!(p.reserve(FrameKind::Data, 32, Duration::from_millis(50)), Err(RingError::Corrupt { .. })));
+    }
+}

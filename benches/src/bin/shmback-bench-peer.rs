@@ -4,7 +4,6 @@
 //! - `pipe`: reads transfers from stdin, acks on stdout.
 //! - `socket PATH`: connects to a unix socket, reads transfers, acks on it.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use shmback_benches::serve_stream;
@@ -47,8 +46,6 @@ fn main() {
             let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
             let mut w = s.try_clone().unwrap();
             while serve_stream(&mut s, &mut w, &mut buf).expect("socket") {}
-            let _ = w.write_all(&[]);
-            let _ = s.read(&mut []);
         }
         _ => {
             eprintln!("usage: shmback-bench-peer ring SEGMENT | pipe | socket PATH");
