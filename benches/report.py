@@ -28,7 +28,7 @@ rings = ['1MiB', '4MiB', '16MiB', '64MiB']
 f = lambda v: '—' if v is None else f'{v:.2f}'
 print('Throughput, GB/s (median of 10 samples); ratios against memcpy and pipe of the same frame size, same run\n')
 print('| frame | memcpy | pipe | socketpair | ' + ' | '.join(f'ring {r} (proc)' for r in rings) + ' | ring 4MiB (thread) | ring 4MiB ÷ memcpy | ring 4MiB ÷ pipe |')
-print('|---' * (6 + len(rings)) + '|')
+print('|---' * (7 + len(rings)) + '|')
 for fr in frames:
     m, p, s = gbps(f'baseline/memcpy/{fr}'), gbps(f'baseline/pipe/{fr}'), gbps(f'baseline/socketpair/{fr}')
     rs = [gbps(f'ring_process/{fr}/{r}') for r in rings]
