@@ -1,0 +1,85 @@
+//! [`Outbox`]: a producer's attachment to one segment, and the options every batch shares.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shmback_proto::{Labels, Producer, Segment, SegmentOptions};
+
+use crate::batch::Batch;
+use crate::error::WriteError;
+
+/// How an [`Outbox`] attaches and sends.
+#[derive(Clone, Debug)]
+pub struct OutboxOptions {
+    /// Segment options: ring size when this side creates the segment (default 4 MiB), whether it
+    /// may create it, group sharing, liveness tick.
+    pub segment: SegmentOptions,
+    /// Longest wait for any single step: room in the ring (backpressure) or the durable ack.
+    pub timeout: Duration,
+    /// Labels applied to every batch (host, tags, key/values); a batch can add tags and values.
+    pub labels: Labels,
+    /// Payload bytes per DATA frame (capped at the ring's maximum). Frames of 64 KiB and more move
+    /// at memcpy speed (BENCHMARKS.md); 256 KiB also keeps `read()` calls few.
+    pub frame_size: usize,
+}
+
+impl Default for OutboxOptions {
+    fn default() -> Self {
+        Self {
+            segment: SegmentOptions::default(),
+            timeout: Duration::from_secs(60),
+            labels: Labels::default(),
+            frame_size: 256 << 10,
+        }
+    }
+}
+
+/// A producer's handle on one segment. One batch at a time: [`Outbox::batch`] borrows it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use shmback_writer::{Outbox, OutboxOptions};
+///
+/// let mut outbox = Outbox::open("/dev/shm/shmback", OutboxOptions::default())?;
+/// let mut batch = outbox.batch();
+/// batch.add_dir("data", "/data")?;              // walks it; files are opened one at a time
+/// batch.add_bytes("VERSION", b"42\n".to_vec())?;
+/// let ticket = batch.commit()?;                   // manifest, then data, then COMMIT
+/// let id = ticket.wait_durable(Duration::from_secs(600))?;
+/// println!("snapshot {id}");
+/// # Ok::<(), shmback_writer::WriteError>(())
+/// ```
+pub struct Outbox {
+    pub(crate) producer: Producer<Segment>,
+    pub(crate) opts: OutboxOptions,
+    path: PathBuf,
+}
+
+impl Outbox {
+    /// Attaches to (or creates) the segment at `segment` as its producer.
+    pub fn open(segment: impl AsRef<Path>, opts: OutboxOptions) -> Result<Outbox, WriteError> {
+        let path = segment.as_ref().to_path_buf();
+        let producer = Segment::producer(&path, &opts.segment)?;
+        Ok(Outbox { producer, opts, path })
+    }
+
+    /// Starts a batch (one snapshot). Nothing is sent until [`Batch::commit`].
+    pub fn batch(&mut self) -> Batch<'_> {
+        Batch::new(self)
+    }
+
+    /// The segment's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Ring bytes of the segment.
+    pub fn ring_capacity(&self) -> usize {
+        self.producer.capacity()
+    }
+
+    /// Payload bytes per DATA frame actually used.
+    pub(crate) fn frame_size(&self) -> usize {
+        self.opts.frame_size.clamp(4096, self.producer.max_payload())
+    }
+}
