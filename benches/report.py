@@ -39,3 +39,16 @@ for fr in frames:
 lat = res.get('latency/roundtrip')
 if lat:
     print(f'\nWake-up round trip between two processes (frame out, ack back, both sides idle): {lat[0] / 1000:.1f} µs median')
+
+# Producer-side handoff (benches/writer.rs), if it was run.
+w, cp = res.get('handoff/writer_ring'), res.get('handoff/cp_a_to_dev_shm')
+mem_file = os.path.join(root, 'handoff-memory.json')
+if w and cp:
+    mem = json.load(open(mem_file)) if os.path.exists(mem_file) else {}
+    mib = lambda b: f'{b / 2**20:.1f} MiB' if b is not None else '—'
+    print('\nHandoff of one directory tree (same corpus, same run)\n')
+    print('| handoff | GB/s | time per tree | peak /dev/shm bytes |')
+    print('|---|---|---|---|')
+    print(f'| shmback-writer → 4 MiB ring → draining consumer process | {w[1] / w[0]:.2f} | {w[0] / 1e9:.3f} s | {mib(mem.get("ring_segment_bytes"))} (the segment) |')
+    print(f'| cp -a into /dev/shm | {cp[1] / cp[0]:.2f} | {cp[0] / 1e9:.3f} s | {mib(mem.get("cp_a_outbox_bytes"))} (a full copy) |')
+    print(f'\nwriter ÷ cp -a throughput: {cp[0] / w[0]:.2f}×; corpus {mib(mem.get("corpus_bytes"))}')
