@@ -43,8 +43,18 @@ fn corpus() -> (PathBuf, u64) {
 /// Sum of file sizes, or (allocated) of blocks in use.
 fn tree_bytes(p: &Path, allocated: bool) -> u64 {
     let m = std::fs::symlink_metadata(p).unwrap();
-    let own = if allocated { m.blocks() * 512 } else if m.is_file() { m.len() } else { 0 };
-    if m.is_dir() { own + std::fs::read_dir(p).unwrap().map(|e| tree_bytes(&e.unwrap().path(), allocated)).sum::<u64>() } else { own }
+    let own = if allocated {
+        m.blocks() * 512
+    } else if m.is_file() {
+        m.len()
+    } else {
+        0
+    };
+    if m.is_dir() {
+        own + std::fs::read_dir(p).unwrap().map(|e| tree_bytes(&e.unwrap().path(), allocated)).sum::<u64>()
+    } else {
+        own
+    }
 }
 
 fn handoff(c: &mut Criterion) {

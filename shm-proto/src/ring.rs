@@ -557,6 +557,36 @@ impl<M: Memory> Producer<M> {
         self.mem.shared().consumer.epoch.load(Ordering::Acquire)
     }
 
+    /// Whether a consumer is attached now.
+    pub fn consumer_alive(&self) -> bool {
+        self.mem.peer_alive(Role::Consumer)
+    }
+
+    /// Waits up to `timeout` for a consumer to be attached (an attach wakes this side), for a
+    /// producer that starts before its uploader. `Timeout` if none came.
+    pub fn wait_for_consumer(&mut self, timeout: Duration) -> Result<(), RingError> {
+        let end = deadline(timeout);
+        let me = &self.mem.shared().producer.wake;
+        loop {
+            let armed = me.fetch_or(1, Ordering::AcqRel) | 1;
+            if self.mem.peer_alive(Role::Consumer) {
+                me.fetch_and(!1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let now = Instant::now();
+            let mut sleep = self.cfg.tick;
+            if let Some(e) = end {
+                if now >= e {
+                    me.fetch_and(!1, Ordering::Relaxed);
+                    return Err(RingError::Timeout { peer: Role::Consumer });
+                }
+                sleep = sleep.min(e - now);
+            }
+            self.mem.wait(me, armed, sleep);
+            me.fetch_and(!1, Ordering::Relaxed);
+        }
+    }
+
     /// Waits until the consumer reports batch `seq` durable (returns the snapshot id) or rejected.
     /// `consumer_epoch` is the value of [`Producer::consumer_epoch`] when the batch began: if the
     /// consumer was replaced since, the batch is lost with it and this returns `PeerGone`.

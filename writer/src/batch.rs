@@ -304,6 +304,15 @@ impl<'o> Batch<'o> {
             labels.host = self.host;
         }
 
+        // An uploader that has not attached yet (both starting together) is waited for; one that
+        // leaves mid-batch is `UploaderGone` at once.
+        if !outbox.producer.consumer_alive() {
+            let segment = outbox.path().display().to_string();
+            outbox
+                .producer
+                .wait_for_consumer(timeout)
+                .map_err(|_| WriteError::NoUploader { segment, waited: timeout })?;
+        }
         let p = &mut outbox.producer;
         let seq = p.next_batch_seq();
         let epoch = p.consumer_epoch();

@@ -55,6 +55,17 @@ pub enum WriteError {
     /// is back; nothing of this batch was acknowledged.
     #[error("the uploader is gone (exited or restarted); send the batch again once it is back")]
     UploaderGone,
+    /// No uploader attached to the segment within the timeout (it is not running, or uses
+    /// another segment path).
+    #[error(
+        "no uploader attached to {segment} within {waited:?}: start it (e.g. `shmback run --segment {segment}`) or check the segment path"
+    )]
+    NoUploader {
+        /// The segment.
+        segment: String,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
     /// The uploader is alive but did not make progress in time.
     #[error("timed out after {0:?} waiting for the uploader (it is alive but not draining the ring)")]
     Timeout(std::time::Duration),

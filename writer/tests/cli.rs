@@ -71,12 +71,12 @@ fn exit_statuses_name_the_cause() {
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("/no/such/path"), "{err}");
 
-    // No uploader ever attached: waiting for the ack reports it gone.
+    // No uploader attached within the timeout: named as such, nothing sent.
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("f"), "x").unwrap();
-    let (code, err) = run(&["--wait-durable", "--timeout", "5", src.path().to_str().unwrap()], &seg);
+    let (code, err) = run(&["--wait-durable", "--timeout", "1", src.path().to_str().unwrap()], &seg);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("uploader is gone"), "{err}");
+    assert!(err.contains("no uploader attached") && err.contains("shmback run --segment"), "{err}");
 
     // A rejection is exit status 5.
     // The CLI created the segment (default size): attach to whatever size it has.
@@ -85,12 +85,37 @@ fn exit_statuses_name_the_cause() {
     let seg2 = seg.clone();
     let path = src.path().to_path_buf();
     let child = std::thread::spawn(move || run(&["--wait-durable", path.to_str().unwrap()], &seg2));
-    // The first batch in the ring is the one sent without an uploader; reject both.
-    for _ in 0..2 {
-        let got = receive(&mut c, |_| {}).unwrap();
-        c.publish_rejected(got.begin.seq, RejectCode::Malformed);
-    }
+    let got = receive(&mut c, |_| {}).unwrap();
+    c.publish_rejected(got.begin.seq, RejectCode::Malformed);
     let (code, err) = child.join().unwrap();
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("rejected"), "{err}");
+}
+
+#[test]
+fn a_sender_started_before_the_uploader_waits_for_it() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let src = tempfile::tempdir().unwrap();
+    // More than the ring holds, so the sender must wait for the uploader to drain.
+    std::fs::write(src.path().join("big"), vec![7u8; 10 << 20]).unwrap();
+    let child = Command::new(SEND)
+        .args(["--segment", seg.to_str().unwrap(), "--wait-durable", "--timeout", "30"])
+        .arg(src.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    while !seg.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let any_size = shmback_proto::SegmentOptions { capacity: None, ..opts(64 << 10) };
+    let mut c = Segment::consumer(&seg, &any_size).unwrap();
+    let got = receive(&mut c, |_| {}).unwrap();
+    c.publish_durable(got.begin.seq, &[3; 32]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let abs = src.path().join("big");
+    assert_eq!(got.file(abs.to_str().unwrap().trim_start_matches('/').as_bytes()).len(), 10 << 20);
 }

@@ -192,38 +192,58 @@ fn sockets_and_fifos_are_skipped_and_reported() {
 }
 
 #[test]
-fn a_file_changed_after_the_manifest_aborts_the_batch_and_names_it() {
-    let ring = 64 << 10;
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("a-big"), content(1, ring * 4)).unwrap();
-    std::fs::write(src.path().join("b-changes"), content(2, 1000)).unwrap();
+fn a_file_that_grows_shrinks_or_vanishes_after_the_manifest_aborts_the_batch_and_is_named() {
+    type Change = fn(&Path);
+    let changes: [(&str, Change, &str); 3] = [
+        ("grows", |p| std::fs::OpenOptions::new().append(true).open(p).unwrap().write_all(b"more").unwrap(), "size"),
+        ("shrinks", |p| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(10).unwrap(), "size"),
+        ("vanishes", |p| std::fs::remove_file(p).unwrap(), "deleted"),
+    ];
+    for (name, change, expect) in changes {
+        let ring = 64 << 10;
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a-big"), content(1, ring * 4)).unwrap();
+        std::fs::write(src.path().join("b-changes"), content(2, 1000)).unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let seg = shm.path().join("seg");
+        let mut c = Segment::consumer(&seg, &opts(ring)).unwrap();
+        let (root, seg2) = (src.path().to_path_buf(), seg.clone());
+        let producer = std::thread::spawn(move || {
+            let mut ob = outbox(&seg2, ring);
+            let mut b = ob.batch();
+            b.add_dir("", &root).unwrap();
+            b.commit().map(|t| t.seq())
+        });
+        // The producer is blocked on a-big's data (4 rings' worth) while b changes after the manifest.
+        let target = src.path().join("b-changes");
+        let got = receive(&mut c, |_| change(&target)).unwrap();
+        match &got.outcome {
+            Outcome::Abort(reason) => assert!(reason.contains("b-changes"), "{name}: {reason}"),
+            Outcome::Commit => panic!("{name}: a batch with a changed file was committed"),
+        }
+        match producer.join().unwrap() {
+            Err(WriteError::SourceChanged { path, what }) => {
+                assert!(path.ends_with("b-changes"), "{name}");
+                assert!(what.contains(expect), "{name}: {what}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn backpressure_waits_then_times_out_while_the_uploader_lives() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let seg = shm.path().join("seg");
-    let mut c = Segment::consumer(&seg, &opts(ring)).unwrap();
-    let (root, seg2) = (src.path().to_path_buf(), seg.clone());
-    let producer = std::thread::spawn(move || {
-        let mut ob = outbox(&seg2, ring);
-        let mut b = ob.batch();
-        b.add_dir("", &root).unwrap();
-        b.commit().map(|t| t.seq())
-    });
-    // The producer is blocked on a-big's data (4 rings' worth) while we change b after the manifest.
-    let target = src.path().join("b-changes");
-    let got = receive(&mut c, |_| {
-        std::fs::OpenOptions::new().append(true).open(&target).unwrap().write_all(b"more").unwrap();
-    })
-    .unwrap();
-    match &got.outcome {
-        Outcome::Abort(reason) => assert!(reason.contains("b-changes"), "{reason}"),
-        Outcome::Commit => panic!("a batch with a changed file was committed"),
-    }
-    match producer.join().unwrap() {
-        Err(WriteError::SourceChanged { path, what }) => {
-            assert!(path.ends_with("b-changes"));
-            assert!(what.contains("size"), "{what}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let _c = Segment::consumer(&seg, &opts(64 << 10)).unwrap(); // alive, never reads
+    let timeout = Duration::from_millis(300);
+    let mut ob =
+        Outbox::open(&seg, OutboxOptions { segment: opts(64 << 10), timeout, ..OutboxOptions::default() }).unwrap();
+    let mut b = ob.batch();
+    b.add_bytes("big", content(0, 1 << 20)).unwrap();
+    let start = Instant::now();
+    assert!(matches!(b.commit().map(|t| t.seq()), Err(WriteError::Timeout(t)) if t == timeout));
+    assert!(start.elapsed() >= timeout);
 }
 
 #[test]

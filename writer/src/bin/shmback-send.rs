@@ -25,7 +25,8 @@ Exit status:
   0  sent (and, with --wait-durable, stored)
   1  any other failure (bad segment, bad path, …)
   2  bad command line
-  3  the uploader is gone or restarted mid-batch: send again once it is back
+  3  no uploader attached within --timeout, or it left or restarted mid-batch: send again
+     once it runs
   4  timed out waiting for the uploader
   5  the uploader rejected the batch (no snapshot; see its log)
   6  a source changed while it was read, or could not be read (batch aborted)";
@@ -97,7 +98,7 @@ fn snapshot_path(p: &Path) -> std::io::Result<PathBuf> {
 
 fn exit_code(e: &WriteError) -> u8 {
     match e {
-        WriteError::UploaderGone => 3,
+        WriteError::UploaderGone | WriteError::NoUploader { .. } => 3,
         WriteError::Timeout(_) => 4,
         WriteError::Rejected { .. } => 5,
         WriteError::SourceChanged { .. } | WriteError::Io { .. } => 6,
