@@ -9,11 +9,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shmback_benches::send_stream;
+use shmback_benches::{send_stream, serve_ring};
 use shmback_proto::{Frame, FrameKind, Producer, Segment, SegmentOptions};
 
 const PEER: &str = env!("CARGO_BIN_EXE_shmback-bench-peer");
@@ -88,28 +88,7 @@ fn ring_thread(c: &mut Criterion) {
     let path = dir.path().join("bench");
     let mut p = Segment::producer(&path, &seg_opts(ring)).unwrap();
     let mut cons = Segment::consumer(&path, &seg_opts(ring)).unwrap();
-    let consumer = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 2 * MIB];
-        loop {
-            let f = match cons.recv(LONG) {
-                Ok(f) => f,
-                Err(_) => return,
-            };
-            let ack = match f.decode().unwrap() {
-                Frame::Data(d) => {
-                    buf[..d.len()].copy_from_slice(d);
-                    std::hint::black_box(&buf);
-                    None
-                }
-                Frame::Commit { entries, .. } => Some(entries),
-                other => panic!("{other:?}"),
-            };
-            f.release();
-            if let Some(s) = ack {
-                cons.publish_durable(s, &[0; 32]);
-            }
-        }
-    });
+    let consumer = std::thread::spawn(move || serve_ring(&mut cons, &mut vec![0u8; 2 * MIB]));
     let mut seq = 0;
     for frame in FRAMES {
         let src = vec![0x5au8; frame];
@@ -149,12 +128,32 @@ fn baselines(c: &mut Criterion) {
     }
 
     let mut child = Command::new(PEER).arg("pipe").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let mut r: ChildStdout = child.stdout.take().unwrap();
+    let (w, r) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+    bench_stream(&mut g, "pipe", w, r);
+    child.wait().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut child = Command::new(PEER).args(["socket", sock.to_str().unwrap()]).spawn().unwrap();
+    let (s, _) = listener.accept().unwrap();
+    let r = s.try_clone().unwrap();
+    bench_stream(&mut g, "socketpair", s, r);
+    child.wait().unwrap();
+    g.finish();
+}
+
+/// Sends every frame size through a byte stream to a peer process, then ends the session.
+fn bench_stream(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut w: impl Write,
+    mut r: impl std::io::Read,
+) {
     for frame in FRAMES {
         let src = vec![0x5au8; frame];
         g.throughput(Throughput::Bytes(frame as u64));
-        g.bench_function(BenchmarkId::new("pipe", label(frame)), |b| {
+        g.bench_function(BenchmarkId::new(name, label(frame)), |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();
                 send_stream(&mut w, &mut r, &src, iters).unwrap();
@@ -163,30 +162,6 @@ fn baselines(c: &mut Criterion) {
         });
     }
     w.write_all(&0u64.to_le_bytes()).unwrap();
-    drop(w);
-    child.wait().unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let mut child = Command::new(PEER).args(["socket", sock.to_str().unwrap()]).spawn().unwrap();
-    let (mut s, _) = listener.accept().unwrap();
-    let mut sr = s.try_clone().unwrap();
-    for frame in FRAMES {
-        let src = vec![0x5au8; frame];
-        g.throughput(Throughput::Bytes(frame as u64));
-        g.bench_function(BenchmarkId::new("socketpair", label(frame)), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                send_stream(&mut s, &mut sr, &src, iters).unwrap();
-                t.elapsed()
-            })
-        });
-    }
-    s.write_all(&0u64.to_le_bytes()).unwrap();
-    drop(s);
-    child.wait().unwrap();
-    g.finish();
 }
 
 /// Wake-up round trip between two processes: one 8-byte COMMIT frame out, the ack back, both

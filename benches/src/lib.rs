@@ -2,6 +2,9 @@
 //! socketpair baselines use, so every transport moves the same bytes with the same final ack.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use shmback_proto::{Consumer, Frame, Memory, RingError};
 
 /// Reads one transfer from `r`: a u64 length (0 ends the session), then that many bytes copied
 /// out in chunks of at most `chunk` bytes, then writes a one-byte ack to `w`.
@@ -37,4 +40,30 @@ pub fn send_stream(w: &mut impl Write, r: &mut impl Read, chunk: &[u8], iters: u
     w.flush()?;
     let mut ack = [0u8; 1];
     r.read_exact(&mut ack)
+}
+
+/// Serves a ring the way every benchmark receiver does: copies each DATA payload out into `buf`,
+/// acks each COMMIT (its `entries` field carries the sequence to ack). Returns when the producer
+/// is gone.
+pub fn serve_ring<M: Memory>(c: &mut Consumer<M>, buf: &mut [u8]) {
+    loop {
+        let f = match c.recv(Duration::from_secs(600)) {
+            Ok(f) => f,
+            Err(RingError::PeerGone { .. }) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let ack = match f.decode().expect("valid frame") {
+            Frame::Data(d) => {
+                buf[..d.len()].copy_from_slice(d);
+                std::hint::black_box(&buf);
+                None
+            }
+            Frame::Commit { entries, .. } => Some(entries),
+            other => panic!("unexpected {other:?}"),
+        };
+        f.release();
+        if let Some(seq) = ack {
+            c.publish_durable(seq, &[0; 32]);
+        }
+    }
 }

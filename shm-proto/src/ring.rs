@@ -258,6 +258,14 @@ fn notify<M: Memory>(mem: &M, word: &AtomicU32) {
     }
 }
 
+/// Whether a sleeper gives up when its peer is dead (`Check`: every `tick`), or is waiting for
+/// the peer to appear (`Ignore`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Check,
+    Ignore,
+}
+
 /// Spin, then sleep on `me` (this side's wake word) until `ready()`, the deadline, or the peer's
 /// death. `ready` must do Acquire loads of what the peer publishes before notifying.
 fn block_until<M: Memory>(
@@ -265,6 +273,7 @@ fn block_until<M: Memory>(
     cfg: &RingConfig,
     me: &AtomicU32,
     peer: Role,
+    liveness: Liveness,
     deadline: Option<Instant>,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), RingError> {
@@ -292,7 +301,7 @@ fn block_until<M: Memory>(
             return Ok(());
         }
         let now = Instant::now();
-        if now.duration_since(last_check) >= cfg.tick {
+        if liveness == Liveness::Check && now.duration_since(last_check) >= cfg.tick {
             last_check = now;
             if !mem.peer_alive(peer) {
                 me.fetch_and(!1, Ordering::Relaxed);
@@ -463,7 +472,7 @@ impl<M: Memory> Producer<M> {
                 let (mem, st) = (&self.mem, &mut self.st);
                 let sh = mem.shared();
                 let mut bad = None;
-                block_until(mem, &self.cfg, &sh.producer.wake, Role::Consumer, deadline, || {
+                block_until(mem, &self.cfg, &sh.producer.wake, Role::Consumer, Liveness::Check, deadline, || {
                     if let Err(e) = st.observe_tail(sh.tail.load(Ordering::Acquire)) {
                         bad = Some(e);
                     }
@@ -565,26 +574,17 @@ impl<M: Memory> Producer<M> {
     /// Waits up to `timeout` for a consumer to be attached (an attach wakes this side), for a
     /// producer that starts before its uploader. `Timeout` if none came.
     pub fn wait_for_consumer(&mut self, timeout: Duration) -> Result<(), RingError> {
-        let end = deadline(timeout);
-        let me = &self.mem.shared().producer.wake;
-        loop {
-            let armed = me.fetch_or(1, Ordering::AcqRel) | 1;
-            if self.mem.peer_alive(Role::Consumer) {
-                me.fetch_and(!1, Ordering::Relaxed);
-                return Ok(());
-            }
-            let now = Instant::now();
-            let mut sleep = self.cfg.tick;
-            if let Some(e) = end {
-                if now >= e {
-                    me.fetch_and(!1, Ordering::Relaxed);
-                    return Err(RingError::Timeout { peer: Role::Consumer });
-                }
-                sleep = sleep.min(e - now);
-            }
-            self.mem.wait(me, armed, sleep);
-            me.fetch_and(!1, Ordering::Relaxed);
-        }
+        let mem = &self.mem;
+        let ready = || mem.peer_alive(Role::Consumer);
+        block_until(
+            mem,
+            &self.cfg,
+            &mem.shared().producer.wake,
+            Role::Consumer,
+            Liveness::Ignore,
+            deadline(timeout),
+            ready,
+        )
     }
 
     /// Waits until the consumer reports batch `seq` durable (returns the snapshot id) or rejected.
@@ -595,17 +595,25 @@ impl<M: Memory> Producer<M> {
         let sh = self.mem.shared();
         let mut outcome = None;
         let gone = RingError::PeerGone { peer: Role::Consumer };
-        block_until(&self.mem, &self.cfg, &sh.producer.wake, Role::Consumer, deadline(timeout), || {
-            if sh.reverse.durable_seq.load(Ordering::Acquire) >= seq {
-                outcome = Some(Ok(()));
-            } else if sh.reverse.rejected_seq.load(Ordering::Acquire) >= seq {
-                let code = RejectCode::from_u32(sh.reverse.rejected_code.load(Ordering::Relaxed));
-                outcome = Some(Err(RingError::Rejected { seq, code }));
-            } else if sh.consumer.epoch.load(Ordering::Acquire) != consumer_epoch {
-                outcome = Some(Err(gone.clone()));
-            }
-            outcome.is_some()
-        })?;
+        block_until(
+            &self.mem,
+            &self.cfg,
+            &sh.producer.wake,
+            Role::Consumer,
+            Liveness::Check,
+            deadline(timeout),
+            || {
+                if sh.reverse.durable_seq.load(Ordering::Acquire) >= seq {
+                    outcome = Some(Ok(()));
+                } else if sh.reverse.rejected_seq.load(Ordering::Acquire) >= seq {
+                    let code = RejectCode::from_u32(sh.reverse.rejected_code.load(Ordering::Relaxed));
+                    outcome = Some(Err(RingError::Rejected { seq, code }));
+                } else if sh.consumer.epoch.load(Ordering::Acquire) != consumer_epoch {
+                    outcome = Some(Err(gone.clone()));
+                }
+                outcome.is_some()
+            },
+        )?;
         match outcome {
             Some(Ok(())) => {
                 let mut id = [0u8; 32];
@@ -849,7 +857,7 @@ impl<M: Memory> Consumer<M> {
         publish_tail(&self.mem, &mut self.st);
         let (mem, st) = (&self.mem, &mut self.st);
         let sh = mem.shared();
-        block_until(mem, &self.cfg, &sh.consumer.wake, Role::Producer, deadline(timeout), || {
+        block_until(mem, &self.cfg, &sh.consumer.wake, Role::Producer, Liveness::Check, deadline(timeout), || {
             st.cached_head = sh.head.load(Ordering::Acquire);
             st.cached_head != st.tail
         })

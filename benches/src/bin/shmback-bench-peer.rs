@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use shmback_benches::serve_stream;
+use shmback_benches::{serve_ring, serve_stream};
 use shmback_proto::batch::Event;
-use shmback_proto::{BatchDecoder, Frame, RingError, Segment, SegmentOptions};
+use shmback_proto::{BatchDecoder, RingError, Segment, SegmentOptions};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,26 +20,7 @@ fn main() {
             let opts = SegmentOptions { capacity: None, create: false, ..SegmentOptions::default() };
             let mut c = Segment::consumer(seg, &opts).expect("attach");
             println!("ready");
-            loop {
-                let f = match c.recv(Duration::from_secs(60)) {
-                    Ok(f) => f,
-                    Err(RingError::PeerGone { .. }) => return,
-                    Err(e) => panic!("{e}"),
-                };
-                let ack = match f.decode().expect("valid frame") {
-                    Frame::Data(d) => {
-                        buf[..d.len()].copy_from_slice(d);
-                        std::hint::black_box(&buf);
-                        None
-                    }
-                    Frame::Commit { entries, .. } => Some(entries),
-                    other => panic!("unexpected {other:?}"),
-                };
-                f.release();
-                if let Some(seq) = ack {
-                    c.publish_durable(seq, &[0; 32]);
-                }
-            }
+            serve_ring(&mut c, &mut buf);
         }
         ["drain", seg] => {
             let opts = SegmentOptions { capacity: None, create: false, ..SegmentOptions::default() };
