@@ -1,0 +1,280 @@
+//! The engine: serve one segment, turning each committed batch into exactly one snapshot and
+//! publishing the durable ack once the snapshot file is stored.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rustic_core::repofile::SnapshotFile;
+use rustic_core::{
+    BackupOptions, ConfigOptions, Credentials, IndexedIdsStatus, KeyOptions, Repository, RepositoryBackends,
+    RepositoryOptions, SnapshotOptions,
+};
+use shmback_proto::batch::Event;
+use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, RejectCode, RingConfig, RingError, Segment, SegmentOptions};
+use tracing::{info, warn};
+
+use crate::gate::{Gate, GatedBackend};
+use crate::source::{BatchEnd, BatchSource, Pump, Shared};
+
+/// A repository opened for backups, with the snapshot gate in front of its backend.
+pub struct Repo {
+    repo: Option<Repository<IndexedIdsStatus>>,
+    gate: Gate,
+}
+
+/// Opens (or, with `init`, creates) the repository at `location` (a path or `local:PATH`).
+pub fn open_repo(location: &str, password: &str, init: bool) -> anyhow::Result<Repo> {
+    let backends = rustic_backend::BackendOptions::default().repository(location).to_backends()?;
+    let gate = Gate::default();
+    let gated = Arc::new(GatedBackend::new(backends.repository(), gate.clone()));
+    let backends = RepositoryBackends::new(gated, None);
+    let repo = Repository::new(&RepositoryOptions::default(), &backends)?;
+    let creds = Credentials::password(password);
+    let repo =
+        if init { repo.init(&creds, &KeyOptions::default(), &ConfigOptions::default())? } else { repo.open(&creds)? };
+    Ok(Repo { repo: Some(repo.to_indexed_ids()?), gate })
+}
+
+/// What happened to one batch.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    /// Stored as this snapshot.
+    Stored {
+        /// Batch sequence.
+        seq: u64,
+        /// The snapshot.
+        snapshot: Box<SnapshotFile>,
+        /// Time from BEGIN to the stored snapshot.
+        elapsed: Duration,
+    },
+    /// Rejected: no snapshot.
+    Rejected {
+        /// Batch sequence.
+        seq: u64,
+        /// Why.
+        why: String,
+        /// Code sent to the producer.
+        code: RejectCode,
+    },
+}
+
+/// Serving options.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Host recorded when a batch names none.
+    pub host: String,
+    /// Ring liveness tick and wait granularity.
+    pub tick: Duration,
+    /// Segment options (ring size when the uploader creates the segment).
+    pub segment: SegmentOptions,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        Self {
+            host: if host.is_empty() { "shmback".into() } else { host },
+            tick: Duration::from_millis(100),
+            segment: SegmentOptions::default(),
+        }
+    }
+}
+
+/// Serves the segment at `path` until `stop` is set, calling `on_batch` after each batch.
+pub fn serve(
+    repo: &mut Repo,
+    path: &Path,
+    opts: &ServeOptions,
+    stop: &AtomicBool,
+    mut on_batch: impl FnMut(&BatchOutcome),
+) -> anyhow::Result<()> {
+    let seg_opts = SegmentOptions { ring: RingConfig { tick: opts.tick, ..opts.segment.ring }, ..opts.segment.clone() };
+    let mut consumer = Segment::consumer(path, &seg_opts)?;
+    let mut decoder = BatchDecoder::new();
+    let mut begun: Option<(Begin, Vec<Entry>, Instant)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.wait(opts.tick) {
+            Ok(()) => {}
+            Err(RingError::Timeout { .. }) => continue,
+            Err(RingError::PeerGone { .. }) => {
+                if let Some((b, _, _)) = begun.take() {
+                    decoder.reset();
+                    let why = "the producer died or left while sending the manifest".to_string();
+                    reject(&mut consumer, b.seq, why, RejectCode::Aborted, &mut on_batch);
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let Some(frame) = consumer.peek().ok().flatten() else {
+            continue;
+        };
+        let event = match frame.decode() {
+            Ok(f) => decoder.feed(f).map(Owned::from).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        frame.release();
+        match event {
+            Ok(Owned::Begin { begin, interrupted }) => {
+                if let Some(seq) = interrupted {
+                    let why = "torn: the producer began a new batch".to_string();
+                    reject(&mut consumer, seq, why, RejectCode::Aborted, &mut on_batch);
+                }
+                if begin.seq <= consumer.last_durable_seq() {
+                    info!(seq = begin.seq, "batch already stored; skipping its frames");
+                    decoder.reset();
+                    continue;
+                }
+                begun = Some((begin, Vec::new(), Instant::now()));
+            }
+            Ok(Owned::Entry(entry)) => {
+                if let Some((_, entries, _)) = &mut begun {
+                    entries.push(entry);
+                }
+            }
+            Ok(Owned::EndOfManifest) => {
+                let Some((begin, entries, start)) = begun.take() else { continue };
+                let (c, d, outcome) = run_batch(repo, consumer, decoder, &begin, &entries, start, opts)?;
+                consumer = c;
+                decoder = d;
+                match &outcome {
+                    BatchOutcome::Stored { seq, snapshot, .. } => {
+                        consumer.publish_durable(*seq, &snapshot_id_bytes(snapshot));
+                    }
+                    BatchOutcome::Rejected { seq, code, .. } => consumer.publish_rejected(*seq, *code),
+                }
+                on_batch(&outcome);
+            }
+            Ok(Owned::Abort { seq, reason }) => {
+                begun = None;
+                reject(
+                    &mut consumer,
+                    seq,
+                    format!("the producer aborted it: {reason}"),
+                    RejectCode::Aborted,
+                    &mut on_batch,
+                );
+            }
+            Ok(Owned::Skipped) => {}
+            Ok(Owned::Other(what)) => warn!("unexpected {what} outside a batch's data"),
+            Err(why) => {
+                let seq = begun.take().map_or(decoder.seq(), |(b, _, _)| b.seq);
+                reject(&mut consumer, seq, why, RejectCode::Malformed, &mut on_batch);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The events the serve loop acts on, owned (the frame is released before acting).
+enum Owned {
+    Begin { begin: Begin, interrupted: Option<u64> },
+    Entry(Entry),
+    EndOfManifest,
+    Abort { seq: u64, reason: String },
+    Skipped,
+    Other(String),
+}
+
+impl From<Event<'_>> for Owned {
+    fn from(e: Event<'_>) -> Self {
+        match e {
+            Event::Begin { begin, interrupted } => Owned::Begin { begin, interrupted },
+            Event::Entry { entry, .. } => Owned::Entry(entry),
+            Event::EndOfManifest { .. } => Owned::EndOfManifest,
+            Event::Abort { seq, reason, .. } => Owned::Abort { seq, reason },
+            Event::Skipped(_) => Owned::Skipped,
+            other => Owned::Other(format!("{other:?}").chars().take(80).collect()),
+        }
+    }
+}
+
+fn reject(
+    consumer: &mut Consumer<Segment>,
+    seq: u64,
+    why: String,
+    code: RejectCode,
+    on_batch: &mut impl FnMut(&BatchOutcome),
+) {
+    warn!(seq, %why, "batch rejected, no snapshot");
+    consumer.publish_rejected(seq, code);
+    on_batch(&BatchOutcome::Rejected { seq, why, code });
+}
+
+/// Archives one batch whose manifest is complete; returns the consumer and decoder for the next.
+fn run_batch(
+    repo: &mut Repo,
+    consumer: Consumer<Segment>,
+    decoder: BatchDecoder,
+    begin: &Begin,
+    entries: &[Entry],
+    start: Instant,
+    opts: &ServeOptions,
+) -> anyhow::Result<(Consumer<Segment>, BatchDecoder, BatchOutcome)> {
+    let seq = begin.seq;
+    let shared = Shared::new(Pump::new(consumer, decoder, opts.tick));
+    let result = archive(repo, begin, entries, &shared, opts);
+    let gated = repo.gate.disarm();
+    let mut pump = shared.into_pump().ok_or_else(|| anyhow::anyhow!("a batch reader outlived its batch"))?;
+    // If archive() stopped before the snapshot write, the rest of the batch is still in the ring.
+    let end = gated.unwrap_or_else(|| pump.finish());
+    if matches!(end, BatchEnd::Failed(..)) {
+        // Whatever is left of a failed batch is skipped up to the next BEGIN.
+        pump.decoder.reset();
+    }
+    let outcome = match (result, end) {
+        (Ok(snapshot), BatchEnd::Committed) => {
+            let elapsed = start.elapsed();
+            info!(seq, snapshot = %snapshot.id, files = entries.len(), ?elapsed, "batch stored");
+            BatchOutcome::Stored { seq, snapshot: Box::new(snapshot), elapsed }
+        }
+        (_, BatchEnd::Failed(why, code)) => BatchOutcome::Rejected { seq, why, code },
+        (Err(e), BatchEnd::Committed) => BatchOutcome::Rejected {
+            seq,
+            why: format!("storing the snapshot failed: {e}"),
+            code: RejectCode::StorageFailed,
+        },
+    };
+    // The next batch must see this one's blobs (dedup) and its snapshot (parent).
+    let r = repo.repo.take().ok_or_else(|| anyhow::anyhow!("repository unavailable"))?;
+    repo.repo = Some(r.drop_index().to_indexed_ids()?);
+    Ok((pump.consumer, pump.decoder, outcome))
+}
+
+fn archive(
+    repo: &mut Repo,
+    begin: &Begin,
+    entries: &[Entry],
+    shared: &Arc<Shared>,
+    opts: &ServeOptions,
+) -> anyhow::Result<SnapshotFile> {
+    let r = repo.repo.as_ref().ok_or_else(|| anyhow::anyhow!("repository unavailable"))?;
+    let mut sopts = SnapshotOptions::default();
+    sopts.host = Some(begin.labels.host.clone().unwrap_or_else(|| opts.host.clone()));
+    let tags = begin.labels.tags.join(",");
+    if !tags.is_empty() {
+        sopts = sopts.add_tags(&tags)?;
+    }
+    let mut snap = sopts.to_snapshot()?;
+    if !begin.labels.meta.is_empty() {
+        let lines: Vec<String> = begin.labels.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        snap.description = Some(lines.join("\n"));
+    }
+    let source = BatchSource::new(entries, shared)?;
+    repo.gate.arm(shared.clone());
+    Ok(r.archive(&BackupOptions::default(), &source, snap, &[PathBuf::from("/")])?)
+}
+
+/// The 32 bytes of a snapshot id.
+pub fn snapshot_id_bytes(s: &SnapshotFile) -> [u8; 32] {
+    let hex = s.id.to_hex();
+    let hex = hex.as_str().as_bytes();
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        let nib = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+        *b = nib(hex[2 * i]) << 4 | nib(hex[2 * i + 1]);
+    }
+    out
+}

@@ -1,0 +1,109 @@
+//! The snapshot gate: a backend wrapper that stores a batch's snapshot file only if the batch was
+//! committed and every file was delivered whole.
+//!
+//! rustic_core's `archive()` logs a failing reader ("ignoring error") and saves the snapshot
+//! anyway, without the file. A torn or invalid batch must make no snapshot at all, so the gate
+//! refuses the snapshot write (which makes `archive()` fail) unless the batch ended in a valid
+//! COMMIT. Packs and index written for a refused batch are unreferenced; prune removes them.
+
+use std::sync::{Arc, Mutex};
+
+use rustic_core::{BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
+
+use crate::source::{BatchEnd, Shared};
+
+/// The batch whose snapshot may be written, and how it ended.
+#[derive(Default)]
+pub struct GateState {
+    batch: Option<Arc<Shared>>,
+    outcome: Option<BatchEnd>,
+}
+
+/// A handle to open and close the gate for one batch.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<Mutex<GateState>>);
+
+impl Gate {
+    pub(crate) fn arm(&self, batch: Arc<Shared>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = GateState { batch: Some(batch), outcome: None };
+    }
+
+    /// Closes the gate; returns the batch's outcome if the snapshot write was attempted.
+    pub(crate) fn disarm(&self) -> Option<BatchEnd> {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.batch = None;
+        st.outcome.take()
+    }
+}
+
+/// The repository backend behind the gate.
+pub struct GatedBackend {
+    inner: Arc<dyn WriteBackend>,
+    gate: Gate,
+}
+
+impl GatedBackend {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn WriteBackend>, gate: Gate) -> Self {
+        Self { inner, gate }
+    }
+}
+
+impl ReadBackend for GatedBackend {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        self.inner.list_with_size(tpe)
+    }
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<bytes::Bytes> {
+        self.inner.read_full(tpe, id)
+    }
+    fn read_partial(
+        &self,
+        tpe: FileType,
+        id: &Id,
+        cacheable: bool,
+        offset: u32,
+        length: u32,
+    ) -> RusticResult<bytes::Bytes> {
+        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    }
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for GatedBackend {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, buf: BytesList) -> RusticResult<()> {
+        if tpe == FileType::Snapshot {
+            let mut st = self.gate.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(batch) = st.batch.clone() {
+                // Every file the archiver wanted is read; read the rest of the batch (skipped
+                // files, COMMIT) and decide.
+                let end = batch.lock().finish();
+                st.outcome = Some(end.clone());
+                if let BatchEnd::Failed(why, _) = end {
+                    return Err(
+                        RusticError::new(ErrorKind::InputOutput, "batch not stored: {why}").attach_context("why", why)
+                    );
+                }
+            }
+        }
+        self.inner.write_bytes(tpe, id, cacheable, buf)
+    }
+
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}

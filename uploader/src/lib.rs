@@ -1,0 +1,14 @@
+//! # shmback-uploader
+//!
+//! The uploader drains /dev/shm rings straight into rustic_core: each committed batch becomes
+//! exactly one restic-format snapshot, and the producer's ticket resolves only once that snapshot
+//! is stored. Work in progress: the engine (batch source, snapshot gate, serve loop) is here; the
+//! commands, S3 and the other backends come with their issues.
+//! Design: `docs/decisions/0002-uploader-engine-plan.md`.
+
+pub mod engine;
+pub mod gate;
+pub mod node;
+pub mod source;
+
+pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve};
