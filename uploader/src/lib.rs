@@ -6,6 +6,8 @@
 //! commands, S3 and the other backends come with their issues.
 //! Design: `docs/decisions/0002-uploader-engine-plan.md`.
 
+pub mod commands;
+pub mod demo;
 pub mod engine;
 pub mod gate;
 pub mod node;

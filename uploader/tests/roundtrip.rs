@@ -44,7 +44,6 @@ fn batches_become_snapshots_that_restore_byte_exact() {
         let mut repo = open_repo(&loc2, PW, false).unwrap();
         let mut outcomes = vec![];
         serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
-            eprintln!("OUTCOME {o:?}");
             outcomes.push(format!("{o:?}"));
         })
         .unwrap();
@@ -97,6 +96,13 @@ fn batches_become_snapshots_that_restore_byte_exact() {
         assert_eq!(node.meta.size, want.len() as u64);
     };
     check("big.bin", &content(99, 3 << 20));
+    // The repository checks clean, data included, and a full restore equals the source tree.
+    shmback_uploader::commands::check(&repo_loc, PW, true).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    shmback_uploader::commands::restore(&repo_loc, PW, &snaps[1].id.to_hex(), dest.path()).unwrap();
+    let (files, bytes) = shmback_uploader::demo::compare_trees(src.path(), &dest.path().join("data")).unwrap();
+    assert_eq!(files, 53);
+    assert_eq!(bytes, (3 << 20) + (0..50).map(|i| (i * 997 % 5000) as u64).sum::<u64>());
     check("empty", b"");
     for i in 0..50 {
         check(&format!("d{}/f{i}", i % 5), &content(i, i * 997 % 5000));
