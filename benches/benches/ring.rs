@@ -44,6 +44,27 @@ fn ring_transfer(p: &mut Producer<Segment>, src: &[u8], iters: u64, seq: &mut u6
     p.wait_durable(*seq, epoch, LONG).unwrap();
 }
 
+/// Measures every frame size that fits the ring through `p` (its consumer acks each COMMIT).
+fn bench_frames(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    p: &mut Producer<Segment>,
+    ring: usize,
+) {
+    let mut seq = 0;
+    let max = p.max_payload();
+    for frame in FRAMES.into_iter().filter(|f| *f <= max) {
+        let src = vec![0x5au8; frame];
+        g.throughput(Throughput::Bytes(frame as u64));
+        g.bench_function(BenchmarkId::new(label(frame), label(ring)), |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                ring_transfer(p, &src, iters, &mut seq);
+                t.elapsed()
+            })
+        });
+    }
+}
+
 fn spawn_ring_peer(path: &Path) -> Child {
     let mut child =
         Command::new(PEER).args(["ring", path.to_str().unwrap()]).stdout(Stdio::piped()).spawn().expect("spawn peer");
@@ -60,21 +81,7 @@ fn ring_process(c: &mut Criterion) {
         let path = dir.path().join("bench");
         let mut p = Segment::producer(&path, &seg_opts(ring)).unwrap();
         let mut child = spawn_ring_peer(&path);
-        let mut seq = 0;
-        for frame in FRAMES {
-            if frame > p.max_payload() {
-                continue; // a frame must fit in half the ring
-            }
-            let src = vec![0x5au8; frame];
-            g.throughput(Throughput::Bytes(frame as u64));
-            g.bench_function(BenchmarkId::new(label(frame), label(ring)), |b| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    ring_transfer(&mut p, &src, iters, &mut seq);
-                    t.elapsed()
-                })
-            });
-        }
+        bench_frames(&mut g, &mut p, ring);
         drop(p);
         child.wait().unwrap();
     }
@@ -89,18 +96,7 @@ fn ring_thread(c: &mut Criterion) {
     let mut p = Segment::producer(&path, &seg_opts(ring)).unwrap();
     let mut cons = Segment::consumer(&path, &seg_opts(ring)).unwrap();
     let consumer = std::thread::spawn(move || serve_ring(&mut cons, &mut vec![0u8; 2 * MIB]));
-    let mut seq = 0;
-    for frame in FRAMES {
-        let src = vec![0x5au8; frame];
-        g.throughput(Throughput::Bytes(frame as u64));
-        g.bench_function(BenchmarkId::new(label(frame), label(ring)), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                ring_transfer(&mut p, &src, iters, &mut seq);
-                t.elapsed()
-            })
-        });
-    }
+    bench_frames(&mut g, &mut p, ring);
     drop(p);
     consumer.join().unwrap();
     g.finish();

@@ -561,7 +561,8 @@ impl<M: Memory> Producer<M> {
     }
 
     /// The consumer's attach epoch now; compare it with [`Producer::wait_durable`]'s argument to
-    /// learn that the consumer was replaced mid-batch.
+    /// learn that the consumer was replaced mid-batch. Take it for a batch only once a consumer is
+    /// attached ([`Producer::wait_for_consumer`]), before BEGIN.
     pub fn consumer_epoch(&self) -> u64 {
         self.mem.shared().consumer.epoch.load(Ordering::Acquire)
     }

@@ -293,17 +293,22 @@ impl Segment {
             if !meta.file_type().is_file() || meta.file_type().is_fifo() {
                 return Err(SegmentError::NotRegular { path: path.into() });
             }
-            if !sys::try_lock_byte(&file, lock_byte(role)).map_err(io_err("locking segment", path))? {
-                let pid = peek_pid(&file, role);
+            // Map and validate first, then lock and register at once: a peer that sees the lock
+            // held must also see the new epoch (a slow attach between the two made a producer
+            // record the old epoch and later take the new one for "consumer replaced").
+            let seg = Segment::map(file, path, role, opts)?;
+            if !sys::try_lock_byte(&seg.file, lock_byte(role)).map_err(io_err("locking segment", path))? {
+                let pid = seg.peer_record(role).pid.load(Ordering::Relaxed);
                 return Err(SegmentError::RoleTaken { path: path.into(), role, pid });
             }
-            // Still the file at `path`? (A reset could have replaced it before we locked.)
-            match std::fs::metadata(path) {
-                Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev() => {}
-                _ => continue,
-            }
-            let seg = Segment::map(file, path, role, opts)?;
             seg.register();
+            // Still the file at `path`, and still the geometry we validated? (A reset may have
+            // re-initialised or replaced it before we locked; it cannot while we hold the lock.)
+            let same_file =
+                matches!(std::fs::metadata(path), Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev());
+            if !same_file || !seg.same_generation() {
+                continue;
+            }
             if !sys::is_memory_fs(path.parent().unwrap_or(Path::new("/"))) {
                 tracing::warn!(
                     path = %path.display(),
@@ -398,9 +403,10 @@ impl Segment {
     fn register(&self) {
         let peer = self.peer_record(self.role);
         let pid = std::process::id();
+        // The epoch first: it is what a peer compares to notice a replacement.
+        peer.epoch.fetch_add(1, Ordering::AcqRel);
         peer.pid.store(pid, Ordering::Relaxed);
         peer.start_ticks.store(sys::process_start_ticks(pid).unwrap_or(0), Ordering::Relaxed);
-        peer.epoch.fetch_add(1, Ordering::AcqRel);
         // Wake a sleeper on the other side: it may be waiting for us to appear.
         let other = self.peer_record(self.role.peer());
         other.wake.fetch_add(2, Ordering::AcqRel);

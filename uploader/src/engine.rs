@@ -160,6 +160,9 @@ pub fn serve(
             Ok(Owned::Skipped) => {}
             Ok(Owned::Other(what)) => warn!("unexpected {what} outside a batch's data"),
             Err(why) => {
+                // A frame the codec refused never reached the decoder: leave the batch either way,
+                // so its remaining frames are skipped up to the next BEGIN.
+                decoder.reset();
                 let seq = begun.take().map_or(decoder.seq(), |(b, _, _)| b.seq);
                 reject(&mut consumer, seq, why, RejectCode::Malformed, &mut on_batch);
             }
