@@ -255,8 +255,11 @@ impl Shared {
     fn read(&self, file: u64, buf: &mut [u8]) -> io::Result<usize> {
         let mut p = self.lock();
         loop {
-            if let Some(BatchEnd::Failed(why, _)) = &p.end {
-                return Err(io::Error::other(why.clone()));
+            match &p.end {
+                Some(BatchEnd::Failed(why, _)) => return Err(io::Error::other(why.clone())),
+                // The decoder accepts COMMIT only after every file's bytes: nothing is left.
+                Some(BatchEnd::Committed) => return Ok(0),
+                None => {}
             }
             if p.completed_below > file || p.decoder.file_sizes().get(file as usize) == Some(&Some(0)) {
                 return Ok(0);
