@@ -18,6 +18,14 @@ fn cfg(publish: usize) -> RingConfig {
     RingConfig { publish_bytes: Some(publish), ..RingConfig::default() }
 }
 
+type Mem = Arc<HeapMemory>;
+
+/// A 64-byte ring and both halves over it, publishing after `publish` bytes.
+fn ring(publish: usize) -> (Mem, Producer<Mem>, Consumer<Mem>) {
+    let mem = Arc::new(HeapMemory::new(64));
+    (mem.clone(), Producer::new(mem.clone(), cfg(publish)), Consumer::new(mem, cfg(publish)))
+}
+
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(3);
@@ -43,9 +51,7 @@ fn read(c: &mut Consumer<Arc<HeapMemory>>) -> Vec<u8> {
 #[test]
 fn wrap_around_padding_and_blocking() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(8));
-        let mut c = Consumer::new(mem, cfg(8));
+        let (_, mut p, mut c) = ring(8);
         let t = loom::thread::spawn(move || {
             for i in 1..=3u8 {
                 write(&mut p, 16, i);
@@ -64,9 +70,7 @@ fn wrap_around_padding_and_blocking() {
 #[test]
 fn batched_publication_has_no_lost_wakeups() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(1 << 20));
-        let mut c = Consumer::new(mem, cfg(1 << 20));
+        let (_, mut p, mut c) = ring(1 << 20);
         let t = loom::thread::spawn(move || {
             write(&mut p, 16, 1);
             write(&mut p, 24, 2);
@@ -83,9 +87,7 @@ fn batched_publication_has_no_lost_wakeups() {
 #[test]
 fn durable_ack_wakes_the_producer_with_the_id() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(1 << 20));
-        let mut c = Consumer::new(mem, cfg(1 << 20));
+        let (_, mut p, mut c) = ring(1 << 20);
         let t = loom::thread::spawn(move || {
             let epoch = p.consumer_epoch();
             p.send(&Frame::Commit { entries: 0, bytes: 0 }, LONG).unwrap();
@@ -103,9 +105,7 @@ fn durable_ack_wakes_the_producer_with_the_id() {
 #[test]
 fn rejection_wakes_the_producer() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(1 << 20));
-        let mut c = Consumer::new(mem, cfg(1 << 20));
+        let (_, mut p, mut c) = ring(1 << 20);
         let t = loom::thread::spawn(move || {
             let epoch = p.consumer_epoch();
             p.wait_durable(1, epoch, LONG)
@@ -121,9 +121,7 @@ fn rejection_wakes_the_producer() {
 #[test]
 fn producer_dying_between_copy_and_publish_leaves_nothing_visible() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(1 << 20));
-        let mut c = Consumer::new(mem.clone(), cfg(1 << 20));
+        let (mem, mut p, mut c) = ring(1 << 20);
         let t = loom::thread::spawn(move || {
             let mut r = p.reserve(FrameKind::Data, 16, LONG).unwrap();
             r.fill(9);
@@ -141,9 +139,7 @@ fn producer_dying_between_copy_and_publish_leaves_nothing_visible() {
 #[test]
 fn producer_dying_after_a_publish_delivers_only_whole_frames() {
     model(|| {
-        let mem = Arc::new(HeapMemory::new(64));
-        let mut p = Producer::new(mem.clone(), cfg(1 << 20));
-        let mut c = Consumer::new(mem.clone(), cfg(1 << 20));
+        let (mem, mut p, mut c) = ring(1 << 20);
         let t = loom::thread::spawn(move || {
             write(&mut p, 8, 1);
             p.flush();
