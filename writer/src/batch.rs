@@ -434,11 +434,10 @@ fn refresh_metadata(pending: &mut [Pending<'_>]) -> Result<(), WriteError> {
             if !m.file_type().is_file() {
                 return Err(WriteError::SourceChanged { path: p.clone(), what: "no longer a regular file".into() });
             }
-            x.entry.size = Some(m.len());
-            x.entry.mode = m.mode();
-            x.entry.uid = m.uid();
-            x.entry.gid = m.gid();
-            x.entry.mtime_ns = mtime_ns(&m);
+            // The same mapping as when the file was added, from fresh metadata.
+            if let Some((entry, _)) = entry_from_metadata(std::mem::take(&mut x.entry.path), p, &m)? {
+                x.entry = entry;
+            }
         }
     }
     Ok(())

@@ -18,6 +18,16 @@ fn outbox(seg: &Path, ring: usize) -> Outbox {
     Outbox::open(seg, OutboxOptions { segment: opts(ring), timeout: T, ..OutboxOptions::default() }).unwrap()
 }
 
+/// Runs `send` on a fresh outbox of `seg` in a producer thread (the test thread plays the uploader).
+fn producer<R: Send + 'static>(
+    seg: &Path,
+    ring: usize,
+    send: impl FnOnce(&mut Outbox) -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let seg = seg.to_path_buf();
+    std::thread::spawn(move || send(&mut outbox(&seg, ring)))
+}
+
 /// Deterministic file contents.
 fn content(seed: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 31 + seed * 7) % 251) as u8).collect()
@@ -76,9 +86,8 @@ fn every_kind_of_tree_arrives_byte_exact_and_in_order() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let seg = shm.path().join("seg");
     let mut c = Segment::consumer(&seg, &opts(ring)).unwrap();
-    let (root, seg2) = (src.path().to_path_buf(), seg.clone());
-    let producer = std::thread::spawn(move || {
-        let mut ob = outbox(&seg2, ring);
+    let root = src.path().to_path_buf();
+    let producer = producer(&seg, ring, move |ob| {
         let mut b = ob.batch();
         b.add_dir("tree", &root).unwrap();
         b.tag("t1").label("k", "v");
@@ -129,9 +138,7 @@ fn readers_streams_and_bytes_with_synthesised_parents() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let seg = shm.path().join("seg");
     let mut c = Segment::consumer(&seg, &opts(64 << 10)).unwrap();
-    let seg2 = seg.clone();
-    let producer = std::thread::spawn(move || {
-        let mut ob = outbox(&seg2, 64 << 10);
+    let producer = producer(&seg, 64 << 10, |ob| {
         let mut b = ob.batch();
         // A stream of unknown size, several times the ring, like `pg_dump | shmback-send --stdin`.
         let dump = content(5, 300_000);
@@ -207,9 +214,8 @@ fn a_file_that_grows_shrinks_or_vanishes_after_the_manifest_aborts_the_batch_and
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let seg = shm.path().join("seg");
         let mut c = Segment::consumer(&seg, &opts(ring)).unwrap();
-        let (root, seg2) = (src.path().to_path_buf(), seg.clone());
-        let producer = std::thread::spawn(move || {
-            let mut ob = outbox(&seg2, ring);
+        let root = src.path().to_path_buf();
+        let producer = producer(&seg, ring, move |ob| {
             let mut b = ob.batch();
             b.add_dir("", &root).unwrap();
             b.commit().map(|t| t.seq())
@@ -252,9 +258,7 @@ fn readers_that_lie_about_their_size_abort_the_batch() {
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let seg = shm.path().join("seg");
         let mut c = Segment::consumer(&seg, &opts(64 << 10)).unwrap();
-        let seg2 = seg.clone();
-        let producer = std::thread::spawn(move || {
-            let mut ob = outbox(&seg2, 64 << 10);
+        let producer = producer(&seg, 64 << 10, move |ob| {
             let mut b = ob.batch();
             b.add_reader("r", Some(declared), EntryMeta::default(), std::io::Cursor::new(vec![1u8; actual])).unwrap();
             b.commit().map(|t| t.seq())
