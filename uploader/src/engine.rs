@@ -265,15 +265,6 @@ fn archive(
         let lines: Vec<String> = begin.labels.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
         snap.description = Some(lines.join("\n"));
     }
-    for e in entries.iter().filter(|e| e.kind == shmback_proto::EntryKind::File && e.size.is_none()) {
-        // rustic_core 0.13 stores the node of a source of unknown size with size 0 (its
-        // `backup_reader` never records the measured length). rustic (and `shmback restore`)
-        // restore the full content; restic 0.14 restores such a file EMPTY. See README.
-        warn!(
-            path = %String::from_utf8_lossy(&e.path),
-            "stream of unknown size: restore it with `shmback restore`; restic would restore it empty"
-        );
-    }
     let source = BatchSource::new(entries, shared)?;
     repo.gate.arm(shared.clone());
     Ok(r.archive(&BackupOptions::default(), &source, snap, &[PathBuf::from("/")])?)
