@@ -1,17 +1,25 @@
-//! Repository commands besides serving: list snapshots, restore, check.
+//! Repository commands besides serving: list snapshots, restore, check, forget/prune.
 
 use std::path::Path;
 
 use anyhow::Context;
 use rustic_core::repofile::SnapshotFile;
 use rustic_core::{
-    CheckOptions, Credentials, LocalDestination, LsOptions, OpenStatus, Repository, RepositoryOptions, RestoreOptions,
+    CheckOptions, Credentials, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus,
+    PruneOptions, Repository, RepositoryOptions, RestoreOptions, SnapshotGroupCriterion,
 };
+
+use crate::progress::{TerminalBars, interactive};
 
 /// Opens the repository at `location` without the snapshot gate (for commands that read).
 pub fn open_plain(location: &str, password: &str) -> anyhow::Result<Repository<OpenStatus>> {
     let backends = rustic_backend::BackendOptions::default().repository(location).to_backends()?;
-    let repo = Repository::new(&RepositoryOptions::default(), &backends)?;
+    let opts = RepositoryOptions::default();
+    let repo = if interactive() {
+        Repository::new_with_progress(&opts, &backends, TerminalBars)?
+    } else {
+        Repository::new(&opts, &backends)?
+    };
     repo.open(&Credentials::password(password))
         .with_context(|| format!("opening repository {location} (wrong password, or not a repository?)"))
 }
@@ -56,4 +64,64 @@ pub fn snapshot_line(s: &SnapshotFile) -> String {
         files,
         bytes
     )
+}
+
+/// What `forget` decided for one snapshot.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The snapshot.
+    pub snapshot: SnapshotFile,
+    /// Kept (true) or removed.
+    pub keep: bool,
+    /// Which rules kept it.
+    pub reasons: Vec<String>,
+}
+
+/// What `forget` decided, group by group.
+#[derive(Debug)]
+pub struct ForgetReport {
+    /// Per group (host, paths…): each snapshot with keep/remove and the reasons.
+    pub groups: Vec<(String, Vec<Verdict>)>,
+    /// Snapshots removed (or that would be, with `dry_run`).
+    pub removed: usize,
+    /// Whether the repository was pruned afterwards.
+    pub pruned: bool,
+}
+
+/// Applies the retention policy `keep` to every group of snapshots (`group_by`, restic's
+/// `host,paths` by default) and removes the snapshots it does not keep; with `prune`, then
+/// removes data no snapshot references any more. Nothing is removed with `dry_run`.
+pub fn forget(
+    location: &str,
+    password: &str,
+    keep: &KeepOptions,
+    group_by: SnapshotGroupCriterion,
+    prune: Option<&PruneOptions>,
+    dry_run: bool,
+) -> anyhow::Result<ForgetReport> {
+    let repo = open_plain(location, password)?;
+    let snaps = repo.get_all_snapshots()?;
+    let now = rustic_core::jiff::Zoned::now();
+    let groups = ForgetGroups::from_grouped_snapshots_with_retention(Grouped::from_items(snaps, group_by), keep, &now)
+        .context("no retention policy: give at least one --keep-* option (e.g. --keep-last 7)")?;
+    let mut report = ForgetReport { groups: vec![], removed: 0, pruned: false };
+    for g in &groups.0 {
+        let items =
+            g.items.iter().map(|f| Verdict { snapshot: f.snapshot.clone(), keep: f.keep, reasons: f.reasons.clone() });
+        report.groups.push((g.group_key.to_string(), items.collect()));
+    }
+    let ids = groups.into_forget_ids();
+    report.removed = ids.len();
+    if dry_run {
+        return Ok(report);
+    }
+    if !ids.is_empty() {
+        repo.delete_snapshots(&ids)?;
+    }
+    if let Some(opts) = prune {
+        let plan = repo.prune_plan(opts)?;
+        repo.prune(opts, plan)?;
+        report.pruned = true;
+    }
+    Ok(report)
 }

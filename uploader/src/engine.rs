@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use rustic_core::repofile::SnapshotFile;
 use rustic_core::{
     BackupOptions, ConfigOptions, Credentials, IndexedIdsStatus, KeyOptions, Repository, RepositoryBackends,
@@ -13,10 +15,10 @@ use rustic_core::{
 };
 use shmback_proto::batch::Event;
 use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, RejectCode, RingConfig, RingError, Segment, SegmentOptions};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::gate::{Gate, GatedBackend};
-use crate::source::{BatchEnd, BatchSource, Pump, Shared};
+use crate::source::{BatchEnd, BatchSource, Pump, Shared, Shutdown};
 
 /// A repository opened for backups, with the snapshot gate in front of its backend.
 pub struct Repo {
@@ -69,6 +71,9 @@ pub struct ServeOptions {
     pub tick: Duration,
     /// Segment options (ring size when the uploader creates the segment).
     pub segment: SegmentOptions,
+    /// How long a batch in flight may still take after SIGTERM before it is abandoned (no
+    /// snapshot; the producer gets `Rejected(ShuttingDown)` and resends later).
+    pub grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -78,31 +83,113 @@ impl Default for ServeOptions {
             host: if host.is_empty() { "shmback".into() } else { host },
             tick: Duration::from_millis(100),
             segment: SegmentOptions::default(),
+            // Below Kubernetes' default terminationGracePeriodSeconds (30 s), so the uploader
+            // abandons the batch itself, cleanly, before the kubelet's SIGKILL.
+            grace: Duration::from_secs(20),
         }
     }
 }
 
 /// Serves the segment at `path` until `stop` is set, calling `on_batch` after each batch.
+///
+/// Once `stop` is set, a batch in flight gets `opts.grace` to finish; after that it is abandoned
+/// (no snapshot, the producer is told `ShuttingDown`) and `serve` returns.
 pub fn serve(
     repo: &mut Repo,
     path: &Path,
     opts: &ServeOptions,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
+    on_batch: impl FnMut(&BatchOutcome),
+) -> anyhow::Result<()> {
+    let consumer = attach(path, opts)?;
+    serve_attached(repo, consumer, opts, stop, on_batch)
+}
+
+/// Creates or attaches the segment at `path` as its consumer.
+pub fn attach(path: &Path, opts: &ServeOptions) -> anyhow::Result<Consumer<Segment>> {
+    let seg_opts = SegmentOptions { ring: RingConfig { tick: opts.tick, ..opts.segment.ring }, ..opts.segment.clone() };
+    Segment::consumer(path, &seg_opts).with_context(|| format!("serving segment {}", path.display()))
+}
+
+/// Serves several segments at once, one thread and one repository handle each, so a slow or
+/// stalled producer never holds up the others. Every segment is attached before any is served (a
+/// bad path fails at start-up). If one segment's loop fails, `stop` is set and the others wind
+/// down (within the grace period); the first error is returned.
+pub fn serve_all(
+    location: &str,
+    password: &str,
+    paths: &[PathBuf],
+    opts: &ServeOptions,
+    stop: &Arc<AtomicBool>,
+    on_batch: impl Fn(&Path, &BatchOutcome) + Sync,
+) -> anyhow::Result<()> {
+    let mut attached = Vec::with_capacity(paths.len());
+    for path in paths {
+        if attached.iter().any(|(p, _): &(&PathBuf, _)| *p == path) {
+            anyhow::bail!("segment {} is named twice", path.display());
+        }
+        attached.push((path, attach(path, opts)?));
+    }
+    // Repository handles are opened in parallel (each derives the key once).
+    let on_batch = &on_batch;
+    let errors: Vec<anyhow::Error> = std::thread::scope(|scope| {
+        let handles: Vec<_> = attached
+            .into_iter()
+            .map(|(path, consumer)| {
+                let name = format!("segment {}", path.display());
+                std::thread::Builder::new()
+                    .name(format!("serve:{}", path.file_name().map_or("".into(), |n| n.to_string_lossy())))
+                    .spawn_scoped(scope, move || {
+                        let result = open_repo(location, password, false).and_then(|mut repo| {
+                            info!(segment = %path.display(), "serving");
+                            serve_attached(&mut repo, consumer, opts, stop, |o| on_batch(path, o))
+                        });
+                        if let Err(e) = &result {
+                            error!(segment = %path.display(), "{e:#}; stopping the other segments");
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        result.with_context(|| name)
+                    })
+                    .expect("spawning a serving thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked"))).err())
+            .collect()
+    });
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The serve loop over an attached segment.
+pub fn serve_attached(
+    repo: &mut Repo,
+    mut consumer: Consumer<Segment>,
+    opts: &ServeOptions,
+    stop: &Arc<AtomicBool>,
     mut on_batch: impl FnMut(&BatchOutcome),
 ) -> anyhow::Result<()> {
-    let seg_opts = SegmentOptions { ring: RingConfig { tick: opts.tick, ..opts.segment.ring }, ..opts.segment.clone() };
-    let mut consumer = Segment::consumer(path, &seg_opts)?;
     let mut decoder = BatchDecoder::new();
-    let mut begun: Option<(Begin, Vec<Entry>, Instant)> = None;
-    while !stop.load(Ordering::Relaxed) {
+    let mut begun: Option<Manifest> = None;
+    let mut shutdown = Shutdown::new(stop.clone(), opts.grace);
+    loop {
+        if stop.load(Ordering::Relaxed) && (begun.is_none() || shutdown.expired()) {
+            if let Some(m) = begun.take() {
+                reject(&mut consumer, m.begin.seq, shutdown.reason(), RejectCode::ShuttingDown, &mut on_batch);
+            }
+            return Ok(());
+        }
         match consumer.wait(opts.tick) {
             Ok(()) => {}
             Err(RingError::Timeout { .. }) => continue,
             Err(RingError::PeerGone { .. }) => {
-                if let Some((b, _, _)) = begun.take() {
+                if let Some(m) = begun.take() {
                     decoder.reset();
                     let why = "the producer died or left while sending the manifest".to_string();
-                    reject(&mut consumer, b.seq, why, RejectCode::Aborted, &mut on_batch);
+                    reject(&mut consumer, m.begin.seq, why, RejectCode::Aborted, &mut on_batch);
                 }
                 continue;
             }
@@ -127,16 +214,16 @@ pub fn serve(
                     decoder.reset();
                     continue;
                 }
-                begun = Some((begin, Vec::new(), Instant::now()));
+                begun = Some(Manifest { begin, entries: Vec::new(), start: Instant::now() });
             }
             Ok(Owned::Entry(entry)) => {
-                if let Some((_, entries, _)) = &mut begun {
-                    entries.push(entry);
+                if let Some(m) = &mut begun {
+                    m.entries.push(entry);
                 }
             }
             Ok(Owned::EndOfManifest) => {
-                let Some((begin, entries, start)) = begun.take() else { continue };
-                let (c, d, outcome) = run_batch(repo, consumer, decoder, &begin, &entries, start, opts)?;
+                let Some(manifest) = begun.take() else { continue };
+                let (c, d, outcome) = run_batch(repo, consumer, decoder, &manifest, opts, shutdown.clone())?;
                 consumer = c;
                 decoder = d;
                 match &outcome {
@@ -163,12 +250,18 @@ pub fn serve(
                 // A frame the codec refused never reached the decoder: leave the batch either way,
                 // so its remaining frames are skipped up to the next BEGIN.
                 decoder.reset();
-                let seq = begun.take().map_or(decoder.seq(), |(b, _, _)| b.seq);
+                let seq = begun.take().map_or(decoder.seq(), |m| m.begin.seq);
                 reject(&mut consumer, seq, why, RejectCode::Malformed, &mut on_batch);
             }
         }
     }
-    Ok(())
+}
+
+/// A batch whose manifest is being (or has been) received.
+struct Manifest {
+    begin: Begin,
+    entries: Vec<Entry>,
+    start: Instant,
 }
 
 /// The events the serve loop acts on, owned (the frame is released before acting).
@@ -211,13 +304,16 @@ fn run_batch(
     repo: &mut Repo,
     consumer: Consumer<Segment>,
     decoder: BatchDecoder,
-    begin: &Begin,
-    entries: &[Entry],
-    start: Instant,
+    manifest: &Manifest,
     opts: &ServeOptions,
+    shutdown: Shutdown,
 ) -> anyhow::Result<(Consumer<Segment>, BatchDecoder, BatchOutcome)> {
+    let Manifest { begin, entries, start } = manifest;
     let seq = begin.seq;
-    let shared = Shared::new(Pump::new(consumer, decoder, opts.tick));
+    let declared: u64 = entries.iter().filter_map(|e| e.size).sum();
+    let streams = entries.iter().filter(|e| e.kind == shmback_proto::EntryKind::File && e.size.is_none()).count();
+    info!(seq, entries = entries.len(), bytes = declared, streams, host = ?begin.labels.host, "batch started");
+    let shared = Shared::new(Pump::new(consumer, decoder, opts.tick, shutdown));
     let result = archive(repo, begin, entries, &shared, opts);
     let gated = repo.gate.disarm();
     let mut pump = shared.into_pump().ok_or_else(|| anyhow::anyhow!("a batch reader outlived its batch"))?;
@@ -230,15 +326,25 @@ fn run_batch(
     let outcome = match (result, end) {
         (Ok(snapshot), BatchEnd::Committed) => {
             let elapsed = start.elapsed();
-            info!(seq, snapshot = %snapshot.id, files = entries.len(), ?elapsed, "batch stored");
+            let (files, bytes, new_bytes, stored) = snapshot.summary.as_ref().map_or((0, 0, 0, 0), |s| {
+                (s.total_files_processed, s.total_bytes_processed, s.data_added_files, s.data_added_packed)
+            });
+            info!(
+                seq, snapshot = %snapshot.id, files, bytes, new_bytes, stored_bytes = stored, ?elapsed,
+                mb_per_s = format!("{:.1}", bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)),
+                "batch stored"
+            );
             BatchOutcome::Stored { seq, snapshot: Box::new(snapshot), elapsed }
         }
-        (_, BatchEnd::Failed(why, code)) => BatchOutcome::Rejected { seq, why, code },
-        (Err(e), BatchEnd::Committed) => BatchOutcome::Rejected {
-            seq,
-            why: format!("storing the snapshot failed: {e}"),
-            code: RejectCode::StorageFailed,
-        },
+        (_, BatchEnd::Failed(why, code)) => {
+            warn!(seq, %why, ?code, "batch rejected, no snapshot");
+            BatchOutcome::Rejected { seq, why, code }
+        }
+        (Err(e), BatchEnd::Committed) => {
+            let why = format!("storing the snapshot failed: {e:#}");
+            warn!(seq, %why, "batch rejected, no snapshot");
+            BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }
+        }
     };
     // The next batch must see this one's blobs (dedup) and its snapshot (parent).
     let r = repo.repo.take().ok_or_else(|| anyhow::anyhow!("repository unavailable"))?;

@@ -2,8 +2,8 @@
 //!
 //! The uploader drains /dev/shm rings straight into rustic_core: each committed batch becomes
 //! exactly one restic-format snapshot, and the producer's ticket resolves only once that snapshot
-//! is stored. Work in progress: the engine (batch source, snapshot gate, serve loop) is here; the
-//! commands, S3 and the other backends come with their issues.
+//! is stored. The engine (batch source, snapshot gate, serve loop over one or several segments),
+//! the repository commands and the demo are here; S3 and the other backends come with their issue.
 //! Design: `docs/decisions/0002-uploader-engine-plan.md`.
 
 pub mod commands;
@@ -11,6 +11,7 @@ pub mod demo;
 pub mod engine;
 pub mod gate;
 pub mod node;
+pub mod progress;
 pub mod source;
 
-pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve};
+pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};

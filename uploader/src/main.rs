@@ -1,16 +1,24 @@
 //! `shmback`: the uploader and its repository commands.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve};
+use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
+use shmback_proto::SegmentOptions;
+use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
+///
+/// The repository and its password are given the way restic takes them (RESTIC_REPOSITORY,
+/// RESTIC_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD_COMMAND, or the flags below); restic
+/// 0.14+ and rustic read what shmback writes.
 #[derive(Parser)]
-#[command(name = "shmback", version)]
+#[command(name = "shmback", version, after_help = TOP_EXAMPLES)]
 struct Cli {
     /// Repository: a directory or `local:PATH`.
     #[arg(short, long, global = true, env = "RESTIC_REPOSITORY")]
@@ -21,27 +29,66 @@ struct Cli {
     /// File holding the repository password (first line).
     #[arg(long, global = true, env = "RESTIC_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
+    /// Shell command printing the repository password (first line of its output).
+    #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND")]
+    password_command: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+const TOP_EXAMPLES: &str = "Examples:
+  shmback demo                                   # try it: local repository, ring, restore, figures
+  export RESTIC_REPOSITORY=/backups/repo RESTIC_PASSWORD_FILE=/run/secrets/restic
+  shmback init
+  shmback run --segment /dev/shm/app             # the daemon
+  shmback snapshots
+  shmback restore latest /tmp/restore
+  shmback forget --keep-daily 7 --keep-weekly 4 --prune";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new repository.
+    #[command(
+        after_help = "Example:\n  RESTIC_REPOSITORY=/backups/repo RESTIC_PASSWORD_FILE=/run/secrets/restic shmback init"
+    )]
     Init,
-    /// Serve a segment: one snapshot per committed batch, until SIGTERM/SIGINT.
+    /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT.
+    ///
+    /// Each segment (one producer each) is served by its own thread, so a slow producer never
+    /// holds up the others. On SIGTERM a batch in flight gets --grace to finish, then it is
+    /// abandoned: no snapshot, the producer is told and resends later.
+    #[command(after_help = "Examples:
+  shmback run                                        # /dev/shm/shmback
+  shmback run --segment /dev/shm/db --segment /dev/shm/media
+  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25")]
     Run {
-        /// The segment producers send through (created if missing).
-        #[arg(short, long, default_value = "/dev/shm/shmback")]
-        segment: PathBuf,
+        /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
+        #[arg(short, long, env = "SHMBACK_SEGMENT", value_delimiter = ',', default_value = "/dev/shm/shmback")]
+        segment: Vec<PathBuf>,
+        /// Seconds a batch in flight may still take after SIGTERM before it is abandoned.
+        #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+        grace: u64,
+        /// Host name recorded in snapshots whose batch names none (default: this machine's).
+        #[arg(long)]
+        host: Option<String>,
+        /// Ring bytes of segments this command creates (default 4 MiB; a power of two).
+        #[arg(long, value_name = "BYTES")]
+        ring_size: Option<usize>,
+        /// Create segments mode 0660 (producer and uploader are different users of one group).
+        #[arg(long)]
+        group_shared: bool,
     },
     /// List snapshots, oldest first.
+    #[command(after_help = "Examples:\n  shmback snapshots\n  shmback snapshots --json | jq '.[].id'")]
     Snapshots {
         /// Print JSON (restic's snapshot format) instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Restore SNAPSHOT[:PATH] (an id prefix or `latest`) into DEST.
+    #[command(after_help = "Examples:
+  shmback restore latest /tmp/restore
+  shmback restore 1a2b3c4d:/data/db.sql /tmp/db.sql")]
     Restore {
         /// What to restore, e.g. `latest` or `1a2b3c4d:/data/db.sql`.
         spec: String,
@@ -49,13 +96,40 @@ enum Cmd {
         dest: PathBuf,
     },
     /// Check the repository; with --read-data also read and verify every pack.
+    #[command(after_help = "Examples:\n  shmback check\n  shmback check --read-data")]
     Check {
         /// Read all data (slow; catches corrupted packs).
         #[arg(long)]
         read_data: bool,
     },
+    /// Remove snapshots by a retention policy (restic's --keep-* options); with --prune, also
+    /// remove the data no snapshot needs any more.
+    ///
+    /// Snapshots are grouped (by default by host and paths, as restic does) and the policy applies
+    /// to each group. Pruning is two-phase, so it is safe while `shmback run` is writing: packs
+    /// become unreferenced first and are deleted by a later prune after --keep-delete (23 h).
+    #[command(after_help = "Examples:
+  shmback forget --keep-last 10 --dry-run
+  shmback forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --prune
+  shmback forget --keep-within 30d --group-by host,tags")]
+    Forget {
+        #[command(flatten)]
+        keep: Box<KeepOptions>,
+        /// Group snapshots by any of host, label, paths, tags (comma-separated).
+        #[arg(long, default_value = "host,paths")]
+        group_by: SnapshotGroupCriterion,
+        /// Show what would be removed; remove nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Then prune: remove data that no snapshot references.
+        #[arg(long)]
+        prune: bool,
+        #[command(flatten)]
+        prune_opts: Box<PruneOptions>,
+    },
     /// Try the whole thing on an embedded default: a fresh local repository and segment, the
     /// uploader, `shmback-send` in a second process sending DIR twice, a verified restore.
+    #[command(after_help = "Examples:\n  shmback demo\n  shmback demo ~/photos --work /tmp/demo")]
     Demo {
         /// Directory to send (default: /usr/share/doc, or the current directory).
         dir: Option<PathBuf>,
@@ -69,14 +143,33 @@ fn password(cli: &Cli) -> anyhow::Result<String> {
     if let Some(p) = &cli.password {
         return Ok(p.clone());
     }
-    if let Some(f) = &cli.password_file {
-        let s = std::fs::read_to_string(f).with_context(|| format!("reading the password file {}", f.display()))?;
-        return Ok(s.lines().next().unwrap_or_default().to_string());
+    match (&cli.password_file, &cli.password_command) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "both a password file and a password command are set (RESTIC_PASSWORD_FILE / \
+             RESTIC_PASSWORD_COMMAND or their flags): keep one"
+        ),
+        (Some(f), None) => {
+            let s = std::fs::read_to_string(f).with_context(|| format!("reading the password file {}", f.display()))?;
+            Ok(s.lines().next().unwrap_or_default().to_string())
+        }
+        (None, Some(cmd)) => {
+            let out = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running the password command `{cmd}`"))?;
+            anyhow::ensure!(out.status.success(), "the password command `{cmd}` failed ({})", out.status);
+            let s = String::from_utf8(out.stdout).context("the password command printed something not UTF-8")?;
+            Ok(s.lines().next().unwrap_or_default().to_string())
+        }
+        (None, None) => anyhow::bail!(
+            "no repository password: set RESTIC_PASSWORD, RESTIC_PASSWORD_FILE or RESTIC_PASSWORD_COMMAND \
+             (or --password-file / --password-command)"
+        ),
     }
-    anyhow::bail!("no repository password: set RESTIC_PASSWORD or RESTIC_PASSWORD_FILE (or --password-file)")
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -85,10 +178,20 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shmback: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
     // Every command but the demo needs a repository and its password.
     let repo_and_password = || -> anyhow::Result<(String, String)> {
         let repo = cli.repo.clone().context("no repository: set RESTIC_REPOSITORY or --repo")?;
-        Ok((repo, password(&cli)?))
+        Ok((repo, password(cli)?))
     };
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
@@ -106,17 +209,24 @@ fn main() -> anyhow::Result<()> {
             open_repo(&repo, &pw, true)?;
             println!("created repository {repo}");
         }
-        Cmd::Run { segment } => {
+        Cmd::Run { segment, grace, host, ring_size, group_shared } => {
             let (repo, pw) = repo_and_password()?;
             let stop = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-            let mut r = open_repo(&repo, &pw, false)?;
-            serve(&mut r, segment, &ServeOptions::default(), &stop, |o| match o {
+            let mut opts = ServeOptions { grace: Duration::from_secs(*grace), ..ServeOptions::default() };
+            if let Some(h) = host {
+                opts.host = h.clone();
+            }
+            opts.segment =
+                SegmentOptions { capacity: *ring_size, group_shared: *group_shared, ..SegmentOptions::default() };
+            serve_all(&repo, &pw, segment, &opts, &stop, |seg: &Path, o: &BatchOutcome| match o {
                 BatchOutcome::Stored { seq, snapshot, elapsed } => {
-                    println!("batch {seq}: snapshot {} ({elapsed:?})", snapshot.id)
+                    println!("{}: batch {seq}: snapshot {} ({elapsed:.2?})", seg.display(), snapshot.id)
                 }
-                BatchOutcome::Rejected { seq, why, .. } => eprintln!("batch {seq} rejected: {why}"),
+                BatchOutcome::Rejected { seq, why, .. } => {
+                    eprintln!("{}: batch {seq} rejected: {why}", seg.display())
+                }
             })?;
         }
         Cmd::Snapshots { json } => {
@@ -140,6 +250,24 @@ fn main() -> anyhow::Result<()> {
             let (repo, pw) = repo_and_password()?;
             commands::check(&repo, &pw, *read_data)?;
             println!("no errors were found");
+        }
+        Cmd::Forget { keep, group_by, dry_run, prune, prune_opts } => {
+            let (repo, pw) = repo_and_password()?;
+            let prune = prune.then_some(&**prune_opts);
+            let report = commands::forget(&repo, &pw, keep, *group_by, prune, *dry_run)?;
+            for (group, items) in &report.groups {
+                println!("snapshots of {group}:");
+                for commands::Verdict { snapshot: snap, keep, reasons } in items {
+                    let verdict = if *keep { "keep  " } else { "remove" };
+                    let why = if reasons.is_empty() { String::new() } else { format!("  ({})", reasons.join(", ")) };
+                    println!("  {verdict} {}{why}", commands::snapshot_line(snap));
+                }
+            }
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            println!("{verb} {} snapshots", report.removed);
+            if report.pruned {
+                println!("pruned: unreferenced data removed (packs of the last 23 h are only marked)");
+            }
         }
     }
     Ok(())

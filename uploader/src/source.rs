@@ -12,8 +12,9 @@ use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustic_core::{ReadSource, ReadSourceEntry, ReadSourceOpen, RusticResult};
 use shmback_proto::batch::Event;
@@ -52,6 +53,41 @@ pub struct Pump {
     incomplete: Option<u64>,
     end: Option<BatchEnd>,
     tick: Duration,
+    shutdown: Shutdown,
+}
+
+/// The daemon's stop flag and how long a batch in flight may still take once it is set.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    /// Set by SIGTERM/SIGINT (or by a failing sibling segment).
+    pub stop: Arc<AtomicBool>,
+    /// How long a batch in flight may still take after `stop` is set before it is abandoned.
+    pub grace: Duration,
+    seen: Option<Instant>,
+}
+
+impl Shutdown {
+    /// A shutdown policy over `stop`.
+    pub fn new(stop: Arc<AtomicBool>, grace: Duration) -> Self {
+        Shutdown { stop, grace, seen: None }
+    }
+
+    /// True once `stop` has been set for longer than the grace period.
+    pub fn expired(&mut self) -> bool {
+        if !self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.seen.get_or_insert_with(Instant::now).elapsed() >= self.grace
+    }
+
+    /// Why a batch was abandoned.
+    pub fn reason(&self) -> String {
+        format!(
+            "the uploader is shutting down and the batch did not finish within the {:?} grace period \
+             (--grace); no snapshot was made: resend the batch when the uploader is back",
+            self.grace
+        )
+    }
 }
 
 /// What one step on the ring produced.
@@ -65,7 +101,7 @@ enum Step {
 }
 
 impl Pump {
-    pub(crate) fn new(consumer: Consumer<Segment>, decoder: BatchDecoder, tick: Duration) -> Self {
+    pub(crate) fn new(consumer: Consumer<Segment>, decoder: BatchDecoder, tick: Duration, shutdown: Shutdown) -> Self {
         Pump {
             consumer,
             decoder,
@@ -75,6 +111,7 @@ impl Pump {
             incomplete: None,
             end: None,
             tick,
+            shutdown,
         }
     }
 
@@ -88,6 +125,12 @@ impl Pump {
     /// failing the batch on anything invalid. Waits at most one tick for data.
     fn step(&mut self) -> Step {
         if self.end.is_some() {
+            return Step::Progress;
+        }
+        if self.shutdown.expired() {
+            // Abandoned, whatever the readers were doing: no snapshot (the gate refuses it).
+            self.pending = None;
+            self.fail(self.shutdown.reason(), RejectCode::ShuttingDown);
             return Step::Progress;
         }
         if let Some(p) = self.pending {
