@@ -112,3 +112,55 @@ fn batches_become_snapshots_that_restore_byte_exact() {
         check(&format!("data/d{}/f{i}", i % 5), &content(i, i * 997 % 5000));
     }
 }
+
+#[test]
+fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let loc = repo_dir.path().to_str().unwrap().to_string();
+    open_repo(&loc, PW, true).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path());
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), loc.clone());
+    let server = std::thread::spawn(move || {
+        let mut repo = open_repo(&loc2, PW, false).unwrap();
+        let mut summaries = vec![];
+        serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
+            if let shmback_uploader::BatchOutcome::Stored { snapshot, .. } = o {
+                summaries.push((snapshot.id, snapshot.parent, snapshot.summary.clone().unwrap()));
+            }
+        })
+        .unwrap();
+        summaries
+    });
+    let mut ob = Outbox::open(&seg, OutboxOptions::default()).unwrap();
+    let mut send = || {
+        let mut b = ob.batch();
+        b.add_dir("data", src.path()).unwrap();
+        b.commit().unwrap().wait_durable(Duration::from_secs(120)).unwrap();
+    };
+    send();
+    send();
+    // Same size, other bytes, an mtime one second later.
+    let f = src.path().join("d3/f3");
+    let old = std::fs::read(&f).unwrap();
+    let new: Vec<u8> = old.iter().map(|b| b.wrapping_add(1)).collect();
+    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap() + Duration::from_secs(1);
+    std::fs::write(&f, &new).unwrap();
+    std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+    send();
+    drop(ob);
+    stop.store(true, Ordering::Relaxed);
+    let s = server.join().unwrap();
+    assert_eq!(s.len(), 3);
+    assert_eq!(s[1].1, Some(s[0].0));
+    assert_eq!(s[2].1, Some(s[1].0), "the changed batch's parent is the previous snapshot");
+    assert_eq!(s[1].2.data_added_files, 0, "an unchanged tree stores no new file data");
+    assert_eq!((s[2].2.files_changed, s[2].2.files_unmodified), (1, s[1].2.files_unmodified - 1));
+    assert!(s[2].2.data_added_files > 0, "the change was stored");
+    let dest = tempfile::tempdir().unwrap();
+    shmback_uploader::commands::restore(&loc, PW, "latest:/data/d3/f3", &dest.path().join("f3")).unwrap();
+    assert!(std::fs::read(dest.path().join("f3")).unwrap() == new);
+}
