@@ -370,12 +370,22 @@ pub struct BatchReader {
 }
 
 impl Read for BatchReader {
+    /// Fills `buf` completely unless the file ends (a short read means the end). rustic_core's
+    /// chunker shrinks its read buffer to the length of any short read and never grows it back, so
+    /// returning frame by frame made it read a byte at a time after a few unaligned frames
+    /// (measured: a 64 MiB file at 3.9 MiB/s; see docs/decisions/0003-vendored-rustic-core.md).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.shared.read(self.file, buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.done = true;
+        let mut filled = 0;
+        while filled < buf.len() && !self.done {
+            match self.shared.read(self.file, &mut buf[filled..]) {
+                Ok(0) => self.done = true,
+                Ok(n) => filled += n,
+                // Bytes already copied are returned; the failure repeats on the next call.
+                Err(_) if filled > 0 => break,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(n)
+        Ok(filled)
     }
 }
 

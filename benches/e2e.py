@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: one corpus, three pipelines, same run, repositories on tmpfs (/dev/shm).
+
+  (a) shmback:  shmback-send -> /dev/shm ring -> `shmback run` (rustic_core), no staging copy
+  (b) the usual handoff with the same engine: `cp -a` the tree into /dev/shm/outbox, then
+      rustic_core's own local-path backup of the outbox (`shmback-rustic-backup`)
+  (c) the same outbox, backed up by `restic backup`
+
+Each pipeline runs on a fresh repository (first run), then again on the unchanged corpus (re-run;
+(b) and (c) re-copy the outbox, as a handoff does each time). Reported per pipeline: median wall
+time and throughput over --runs, ratios against (a) from the same runs, peak RSS of each process
+(wait4's ru_maxrss) and peak /dev/shm bytes of the handoff (the segment for (a), sampled; the outbox
+for (b) and (c)).
+
+  cargo build --release && python3 benches/e2e.py            # doc tree + 256 MiB of large files, 3 runs
+  python3 benches/e2e.py --quick                              # small corpus, 1 run (CI: it works)
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+BIN = {n: os.path.join(REL, n) for n in ("shmback", "shmback-send", "shmback-rustic-backup")}
+PASSWORD = "e2e-bench"
+
+
+def run(cmd, env=None):
+    """Runs cmd to completion: (seconds, peak RSS in bytes).
+
+    The peak RSS comes from GNU time (`%M`), not from wait4 here: Linux carries a process's peak
+    RSS across exec, so a child forked from this Python process would report Python's own size.
+    """
+    with tempfile.NamedTemporaryFile(mode="r") as rss:
+        t = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name] + cmd, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - t
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr.decode(errors='replace')}")
+        return elapsed, int(rss.read().split()[-1]) * 1024
+
+
+def vm_hwm(pid):
+    """Peak RSS of a running process (VmHWM: this image's own, reset at exec)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_bytes(path):
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            st = os.lstat(os.path.join(d, f))
+            total += st.st_blocks * 512
+    return total
+
+
+def make_corpus(dst, doc, big_mib):
+    os.makedirs(dst)
+    if doc:
+        shutil.copytree(doc, os.path.join(dst, "doc"), symlinks=True)
+    big = os.path.join(dst, "big")
+    os.makedirs(big)
+    left = big_mib << 20
+    i = 0
+    while left > 0:
+        n = min(left, 64 << 20)
+        with open(os.path.join(big, f"blob{i}.bin"), "wb") as f:
+            f.write(os.urandom(n))
+        left -= n
+        i += 1
+    files = size = 0
+    for d, _, fs in os.walk(dst):
+        for f in fs:
+            st = os.lstat(os.path.join(d, f))
+            files += 1
+            size += st.st_size
+    return files, size
+
+
+class Sampler:
+    """Samples the allocated bytes of one file every 5 ms; keeps the peak."""
+
+    def __init__(self, path):
+        self.path, self.peak, self.stop = path, 0, False
+        self.t = threading.Thread(target=self.loop, daemon=True)
+        self.t.start()
+
+    def loop(self):
+        while not self.stop:
+            try:
+                self.peak = max(self.peak, os.stat(self.path).st_blocks * 512)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.005)
+
+    def done(self):
+        self.stop = True
+        self.t.join()
+        return self.peak
+
+
+def pipeline_a(work, corpus, env):
+    repo = os.path.join(work, "repo-a")
+    seg = f"/dev/shm/shmback-e2e-{os.getpid()}"
+    e = dict(env, RESTIC_REPOSITORY=repo)
+    run([BIN["shmback"], "init"], e)
+    up = subprocess.Popen([BIN["shmback"], "run", "--segment", seg], env=e,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1000):
+            if os.path.exists(seg):
+                break
+            time.sleep(0.01)
+        sampler = Sampler(seg)
+        send = [BIN["shmback-send"], "--segment", seg, "--wait-durable", "--timeout", "600", corpus]
+        first, rss_send = run(send, e)
+        again, rss_send2 = run(send, e)
+        shm_peak = sampler.done()
+        rss_up = vm_hwm(up.pid)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait()
+        if os.path.exists(seg):
+            os.unlink(seg)
+    return {"first": first, "rerun": again, "shm_peak": shm_peak,
+            "rss": {"shmback-send": max(rss_send, rss_send2), "shmback run": rss_up}}
+
+
+def staged(work, corpus, env, name, backup):
+    """(b)/(c): copy into a /dev/shm outbox, then back it up; twice (fresh repo, then unchanged)."""
+    outbox = f"/dev/shm/shmback-e2e-outbox-{os.getpid()}"
+    res = {"rss": {}}
+    try:
+        for phase in ("first", "rerun"):
+            shutil.rmtree(outbox, ignore_errors=True)
+            t_cp, rss_cp = run(["cp", "-a", corpus, outbox])
+            res["shm_peak"] = tree_bytes(outbox)
+            t_bk, rss_bk = backup(outbox, phase)
+            res[phase] = t_cp + t_bk
+            res[phase + "_copy"] = t_cp
+            res["rss"]["cp"] = max(res["rss"].get("cp", 0), rss_cp)
+            res["rss"][name] = max(res["rss"].get(name, 0), rss_bk)
+    finally:
+        shutil.rmtree(outbox, ignore_errors=True)
+    return res
+
+
+def pipeline_b(work, corpus, env):
+    repo = os.path.join(work, "repo-b")
+    run([BIN["shmback"], "init"], dict(env, RESTIC_REPOSITORY=repo))
+    return staged(work, corpus, env, "rustic_core backup",
+                  lambda outbox, _: run([BIN["shmback-rustic-backup"], repo, outbox], env))
+
+
+def pipeline_c(work, corpus, env):
+    repo = os.path.join(work, "repo-c")
+    e = dict(env, RESTIC_REPOSITORY=repo, RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"))
+    run(["restic", "init"], e)
+    return staged(work, corpus, e, "restic backup",
+                  lambda outbox, _: run(["restic", "backup", "--quiet", outbox], e))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--doc", default="/usr/share/doc", help="a tree of many small files to include")
+    ap.add_argument("--big-mib", type=int, default=256, help="MiB of large incompressible files to add")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small corpus, one run (checks the script works)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "target", "e2e.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.big_mib, args.runs = 8, 1
+    for b in BIN.values():
+        if not os.path.exists(b):
+            sys.exit(f"{b} is missing: run `cargo build --release` first")
+    for tool, pkg in (("restic", "restic"), ("/usr/bin/time", "time")):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install {pkg}")
+    env = dict(os.environ, RESTIC_PASSWORD=PASSWORD)
+    for v in ("RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND", "RESTIC_REPOSITORY"):
+        env.pop(v, None)
+
+    base = tempfile.mkdtemp(prefix="shmback-e2e-")
+    try:
+        corpus = os.path.join(base, "corpus")
+        doc = args.doc
+        if args.quick:
+            # A slice of the doc tree: enough files to exercise the per-file paths.
+            doc = os.path.join(base, "doc-slice")
+            os.makedirs(doc)
+            for i, name in enumerate(sorted(os.listdir(args.doc))[:150]):
+                src = os.path.join(args.doc, name)
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, os.path.join(doc, name), symlinks=True)
+        files, size = make_corpus(corpus, doc if os.path.isdir(doc) else None, args.big_mib)
+        print(f"corpus: {files} files, {size / 1e6:.1f} MB ({args.big_mib} MiB of it in large files); "
+              f"{args.runs} run(s), repositories on /dev/shm", flush=True)
+        results = {"a": [], "b": [], "c": []}
+        for r in range(args.runs):
+            for key, fn in (("a", pipeline_a), ("b", pipeline_b), ("c", pipeline_c)):
+                work = tempfile.mkdtemp(prefix=f"run{r}-{key}-", dir="/dev/shm")
+                try:
+                    results[key].append(fn(work, corpus, env))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                x = results[key][-1]
+                print(f"  run {r + 1} ({key}): first {x['first']:.2f} s, re-run {x['rerun']:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    med = {k: {p: statistics.median(x[p] for x in v) for p in ("first", "rerun")} for k, v in results.items()}
+    names = {"a": "(a) shmback: ring -> rustic_core", "b": "(b) cp to /dev/shm + rustic_core backup",
+             "c": "(c) cp to /dev/shm + restic backup"}
+    print()
+    print("| pipeline | first run | MB/s | (a) is × faster | re-run unchanged | (a) re-run is × faster "
+          "| peak RSS | peak /dev/shm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in "abc":
+        m = med[k]
+        # Ratios per run (same run, same machine state), then their median.
+        r1 = statistics.median(x["first"] / a["first"] for x, a in zip(results[k], results["a"]))
+        r2 = statistics.median(x["rerun"] / a["rerun"] for x, a in zip(results[k], results["a"]))
+        rss = max(results[k], key=lambda x: x["first"])["rss"]
+        rss_s = ", ".join(f"{n} {v / 2**20:.0f} MiB" for n, v in rss.items())
+        shm = max(x["shm_peak"] for x in results[k])
+        print(f"| {names[k]} | {m['first']:.2f} s | {size / 1e6 / m['first']:.0f} | "
+              f"{'—' if k == 'a' else f'{r1:.2f}×'} | {m['rerun']:.2f} s | {'—' if k == 'a' else f'{r2:.2f}×'} | "
+              f"{rss_s} | {shm / 2**20:.1f} MiB |")
+    for k in "bc":
+        cp = statistics.median(x["first_copy"] for x in results[k])
+        print(f"\n{names[k]}: of its first run, the copy into /dev/shm took {cp:.2f} s", end="")
+    print()
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"files": files, "bytes": size, "runs": results}, f, indent=1)
+    print(f"raw figures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
