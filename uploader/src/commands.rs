@@ -13,7 +13,7 @@ use crate::progress::{TerminalBars, interactive};
 
 /// Opens the repository at `location` without the snapshot gate (for commands that read).
 pub fn open_plain(location: &str, password: &str) -> anyhow::Result<Repository<OpenStatus>> {
-    let backends = rustic_backend::BackendOptions::default().repository(location).to_backends()?;
+    let backends = crate::location::open_backends(location)?;
     let opts = RepositoryOptions::default();
     let repo = if interactive() {
         Repository::new_with_progress(&opts, &backends, TerminalBars)?

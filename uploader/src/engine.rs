@@ -28,7 +28,7 @@ pub struct Repo {
 
 /// Opens (or, with `init`, creates) the repository at `location` (a path or `local:PATH`).
 pub fn open_repo(location: &str, password: &str, init: bool) -> anyhow::Result<Repo> {
-    let backends = rustic_backend::BackendOptions::default().repository(location).to_backends()?;
+    let backends = crate::location::open_backends(location)?;
     let gate = Gate::default();
     let gated = Arc::new(GatedBackend::new(backends.repository(), gate.clone()));
     let backends = RepositoryBackends::new(gated, None);

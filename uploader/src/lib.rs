@@ -10,6 +10,7 @@ pub mod commands;
 pub mod demo;
 pub mod engine;
 pub mod gate;
+pub mod location;
 pub mod node;
 pub mod progress;
 pub mod source;

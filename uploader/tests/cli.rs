@@ -122,3 +122,22 @@ fn every_subcommand_help_has_examples() {
         assert!(help.contains("Example") && help.contains(&format!("shmback {sub}")), "{sub}:\n{help}");
     }
 }
+
+#[test]
+fn repository_locations_are_checked_before_anything_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = [("RESTIC_PASSWORD", "pw")];
+    // restic's local forms both work.
+    let plain = dir.path().join("plain");
+    assert!(shmback(&plain, &["init"], &pw).status.success());
+    let local = format!("local:{}", plain.display());
+    let o = shmback(Path::new(&local), &["snapshots"], &pw);
+    assert!(o.status.success(), "{}", text(&o));
+    // A malformed location names the problem and the forms; a backend not in this build says so.
+    let o = shmback(Path::new("s3:host"), &["snapshots"], &pw);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no bucket") && text(&o).contains("Forms:"), "{}", text(&o));
+    let o = shmback(Path::new("s3:http://127.0.0.1:9/bucket"), &["snapshots"], &pw);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("local directories only"), "{}", text(&o));
+}

@@ -1,0 +1,557 @@
+//! Repository locations in restic's syntax, and the credentials each backend takes from the
+//! environment (restic's and Kubernetes backup operators' variable names).
+//!
+//! Parsing is separate from building a backend so every form is testable without a server, and
+//! so a missing variable is reported by name before anything connects.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Where a repository lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// `/path` or `local:/path`.
+    Local(PathBuf),
+    /// `s3:https://host[:port]/bucket[/prefix]`, `s3:http://…`, `s3:host/bucket[/prefix]` (https).
+    S3(S3Location),
+    /// `gs:bucket:/prefix`.
+    Gcs {
+        /// Bucket.
+        bucket: String,
+        /// Prefix inside the bucket (no leading `/`).
+        prefix: String,
+    },
+    /// `azure:container:/prefix`.
+    Azure {
+        /// Container.
+        container: String,
+        /// Prefix.
+        prefix: String,
+    },
+    /// `swift:container:/prefix`.
+    Swift {
+        /// Container.
+        container: String,
+        /// Prefix.
+        prefix: String,
+    },
+    /// `b2:bucket[:prefix]`.
+    B2 {
+        /// Bucket.
+        bucket: String,
+        /// Prefix.
+        prefix: String,
+    },
+    /// `sftp:[user@]host:/path` or `sftp://[user@]host[:port]//path`.
+    Sftp {
+        /// Login, if given.
+        user: Option<String>,
+        /// Host.
+        host: String,
+        /// Port, if given.
+        port: Option<u16>,
+        /// Path on the server (as given: absolute, or relative to the login's home).
+        path: String,
+    },
+    /// `rest:http(s)://[user:pass@]host:port/path`.
+    Rest {
+        /// The URL after `rest:`.
+        url: String,
+    },
+    /// `rclone:remote:path`.
+    Rclone {
+        /// `remote:path`, handed to rclone.
+        remote: String,
+    },
+}
+
+/// An S3 location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host, with `:port` if given.
+    pub host: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Prefix inside the bucket (no leading or trailing `/`; empty for the bucket's root).
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// The endpoint URL (`scheme://host[:port]`).
+    pub fn endpoint(&self) -> String {
+        format!("{}://{}", self.scheme, self.host)
+    }
+
+    /// Whether the endpoint is AWS itself (virtual-host addressing by default); any other endpoint
+    /// gets path-style addressing by default.
+    pub fn is_aws(&self) -> bool {
+        let host = self.host.split(':').next().unwrap_or_default();
+        host == "s3.amazonaws.com"
+            || (host.starts_with("s3.") || host.starts_with("s3-")) && host.ends_with(".amazonaws.com")
+    }
+}
+
+/// A location that cannot be parsed: what was given, what is wrong, and the forms that work.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "repository location `{given}`: {why}. Forms: /path, local:/path, s3:https://host[:port]/bucket[/prefix], \
+s3:host/bucket[/prefix], gs:bucket:/prefix, azure:container:/prefix, swift:container:/prefix, b2:bucket[:prefix], \
+sftp:user@host:/path, rest:http://host:port/path, rclone:remote:path"
+)]
+pub struct LocationError {
+    /// The location as given.
+    pub given: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+fn bad(given: &str, why: impl Into<String>) -> LocationError {
+    LocationError { given: given.to_string(), why: why.into() }
+}
+
+/// `name:/prefix` or `name:prefix` or `name` → (name, prefix without leading/trailing `/`).
+fn split_named(
+    given: &str,
+    rest: &str,
+    what: &str,
+    prefix_sep_required: bool,
+) -> Result<(String, String), LocationError> {
+    let (name, prefix) = match rest.split_once(':') {
+        Some((n, p)) => (n, p),
+        None if !prefix_sep_required => (rest, ""),
+        None => return Err(bad(given, format!("expected {what}:/prefix after the backend name"))),
+    };
+    if name.is_empty() {
+        return Err(bad(given, format!("the {what} name is empty")));
+    }
+    Ok((name.to_string(), prefix.trim_matches('/').to_string()))
+}
+
+impl std::str::FromStr for Location {
+    type Err = LocationError;
+
+    fn from_str(given: &str) -> Result<Self, LocationError> {
+        if given.is_empty() {
+            return Err(bad(given, "it is empty"));
+        }
+        if given.starts_with('/') || given.starts_with("./") || given.starts_with("../") {
+            return Ok(Location::Local(PathBuf::from(given)));
+        }
+        let Some((kind, rest)) = given.split_once(':') else {
+            // restic takes a bare relative path as a local directory.
+            return Ok(Location::Local(PathBuf::from(given)));
+        };
+        match kind {
+            "local" => {
+                if rest.is_empty() {
+                    return Err(bad(given, "the path after local: is empty"));
+                }
+                Ok(Location::Local(PathBuf::from(rest)))
+            }
+            "s3" => parse_s3(given, rest).map(Location::S3),
+            "gs" => {
+                let (bucket, prefix) = split_named(given, rest, "bucket", true)?;
+                Ok(Location::Gcs { bucket, prefix })
+            }
+            "azure" => {
+                let (container, prefix) = split_named(given, rest, "container", true)?;
+                Ok(Location::Azure { container, prefix })
+            }
+            "swift" => {
+                let (container, prefix) = split_named(given, rest, "container", true)?;
+                Ok(Location::Swift { container, prefix })
+            }
+            "b2" => {
+                let (bucket, prefix) = split_named(given, rest, "bucket", false)?;
+                Ok(Location::B2 { bucket, prefix })
+            }
+            "sftp" => parse_sftp(given, rest),
+            "rest" => {
+                if !(rest.starts_with("http://") || rest.starts_with("https://")) {
+                    return Err(bad(given, "rest: needs an http:// or https:// URL"));
+                }
+                Ok(Location::Rest { url: rest.to_string() })
+            }
+            "rclone" => {
+                if rest.is_empty() {
+                    return Err(bad(given, "rclone: needs remote:path"));
+                }
+                Ok(Location::Rclone { remote: rest.to_string() })
+            }
+            other if other.len() == 1 => Err(bad(given, "a drive letter: Windows paths are not supported")),
+            other => Err(bad(given, format!("unknown backend `{other}`"))),
+        }
+    }
+}
+
+fn parse_s3(given: &str, rest: &str) -> Result<S3Location, LocationError> {
+    let (scheme, rest) = if let Some(r) = rest.strip_prefix("https://") {
+        ("https", r)
+    } else if let Some(r) = rest.strip_prefix("http://") {
+        ("http", r)
+    } else if rest.contains("://") {
+        return Err(bad(given, "s3: takes an http:// or https:// endpoint"));
+    } else {
+        ("https", rest)
+    };
+    let mut parts = rest.splitn(3, '/');
+    let host = parts.next().unwrap_or_default();
+    let bucket = parts.next().unwrap_or_default();
+    let prefix = parts.next().unwrap_or_default().trim_matches('/');
+    if host.is_empty() {
+        return Err(bad(given, "the S3 endpoint host is empty"));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad(given, format!("`{port}` is not a port number")));
+    }
+    if bucket.is_empty() {
+        return Err(bad(given, "no bucket: write s3:host/bucket[/prefix]"));
+    }
+    // S3 bucket names: 3-63 characters of lowercase letters, digits, dots and hyphens.
+    let valid = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !valid {
+        return Err(bad(given, format!("`{bucket}` is not a valid S3 bucket name (3-63 of a-z 0-9 . -)")));
+    }
+    Ok(S3Location { scheme: scheme.into(), host: host.into(), bucket: bucket.into(), prefix: prefix.into() })
+}
+
+fn parse_sftp(given: &str, rest: &str) -> Result<Location, LocationError> {
+    let split_user = |s: &str| match s.rsplit_once('@') {
+        Some((u, h)) if !u.is_empty() => (Some(u.to_string()), h.to_string()),
+        _ => (None, s.to_string()),
+    };
+    if let Some(url) = rest.strip_prefix("//") {
+        // sftp://[user@]host[:port]//absolute/path or sftp://host/relative/path
+        let (authority, path) = url.split_once('/').ok_or_else(|| bad(given, "sftp:// needs a path after the host"))?;
+        let (user, hostport) = split_user(authority);
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().map_err(|_| bad(given, format!("`{p}` is not a port")))?)),
+            None => (hostport, None),
+        };
+        if host.is_empty() || path.is_empty() {
+            return Err(bad(given, "sftp:// needs a host and a path"));
+        }
+        return Ok(Location::Sftp { user, host, port, path: path.to_string() });
+    }
+    let (authority, path) = rest.split_once(':').ok_or_else(|| bad(given, "expected sftp:[user@]host:/path"))?;
+    let (user, host) = split_user(authority);
+    if host.is_empty() || path.is_empty() {
+        return Err(bad(given, "expected sftp:[user@]host:/path"));
+    }
+    Ok(Location::Sftp { user, host, port: None, path: path.to_string() })
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Local(p) => write!(f, "local:{}", p.display()),
+            Location::S3(s) if s.prefix.is_empty() => write!(f, "s3:{}/{}", s.endpoint(), s.bucket),
+            Location::S3(s) => write!(f, "s3:{}/{}/{}", s.endpoint(), s.bucket, s.prefix),
+            Location::Gcs { bucket, prefix } => write!(f, "gs:{bucket}:/{prefix}"),
+            Location::Azure { container, prefix } => write!(f, "azure:{container}:/{prefix}"),
+            Location::Swift { container, prefix } => write!(f, "swift:{container}:/{prefix}"),
+            Location::B2 { bucket, prefix } => write!(f, "b2:{bucket}:{prefix}"),
+            Location::Sftp { user, host, port, path } => {
+                let user = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
+                match port {
+                    Some(p) => write!(f, "sftp://{user}{host}:{p}/{path}"),
+                    None => write!(f, "sftp:{user}{host}:{path}"),
+                }
+            }
+            Location::Rest { url } => write!(f, "rest:{url}"),
+            Location::Rclone { remote } => write!(f, "rclone:{remote}"),
+        }
+    }
+}
+
+/// A variable a backend needs that is not set.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{backend} repositories need {need}: set it in the environment ({hint})")]
+pub struct MissingVariable {
+    /// The backend.
+    pub backend: &'static str,
+    /// The variable(s), e.g. `AZURE_ACCOUNT_KEY or AZURE_ACCOUNT_SAS`.
+    pub need: String,
+    /// Where the value comes from.
+    pub hint: &'static str,
+}
+
+/// Credentials found in the environment for a location, as `(variable, value)` pairs in the order
+/// they were looked up (values are secrets: never log them).
+pub type Found = Vec<(&'static str, String)>;
+
+/// Looks up the variables `location` needs with `env` (normally `std::env::var`), naming the first
+/// one missing. S3 takes the AWS SDK's chain (variables, profiles, files, instance roles), which
+/// cannot be judged from variables alone, so it needs none here.
+pub fn credentials(location: &Location, env: impl Fn(&str) -> Option<String>) -> Result<Found, MissingVariable> {
+    let get = |k: &'static str| env(k).filter(|v| !v.is_empty()).map(|v| (k, v));
+    let one_of = |backend: &'static str, keys: &[&'static str], hint: &'static str| {
+        keys.iter().find_map(|k| get(k)).ok_or_else(|| MissingVariable { backend, need: keys.join(" or "), hint })
+    };
+    let mut found = Found::new();
+    match location {
+        Location::Local(_) | Location::S3(_) | Location::Rest { .. } | Location::Rclone { .. } => {}
+        Location::Sftp { .. } => {}
+        Location::Gcs { .. } => {
+            // restic: GOOGLE_PROJECT_ID plus a service-account JSON file, or an access token.
+            found.push(one_of("gs", &["GOOGLE_PROJECT_ID"], "the Google Cloud project that owns the bucket")?);
+            found.push(one_of(
+                "gs",
+                &["GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_ACCESS_TOKEN"],
+                "a service-account JSON file path, or an OAuth access token",
+            )?);
+        }
+        Location::Azure { .. } => {
+            found.push(one_of("azure", &["AZURE_ACCOUNT_NAME"], "the storage account")?);
+            found.push(one_of("azure", &["AZURE_ACCOUNT_KEY", "AZURE_ACCOUNT_SAS"], "the account key or a SAS token")?);
+            if let Some(x) = get("AZURE_ENDPOINT_SUFFIX") {
+                found.push(x);
+            }
+        }
+        Location::B2 { .. } => {
+            found.push(one_of("b2", &["B2_ACCOUNT_ID"], "the application key id")?);
+            found.push(one_of("b2", &["B2_ACCOUNT_KEY"], "the application key")?);
+        }
+        Location::Swift { .. } => found.extend(swift_credentials(&get)?),
+    }
+    Ok(found)
+}
+
+/// Swift's three ways, in restic's order: a pre-authenticated storage URL and token, v1 auth
+/// (`ST_*`), Keystone v2/v3 (`OS_*`).
+fn swift_credentials(get: &impl Fn(&'static str) -> Option<(&'static str, String)>) -> Result<Found, MissingVariable> {
+    let miss = |need: &str, hint| Err(MissingVariable { backend: "swift", need: need.to_string(), hint });
+    let all = |keys: &[&'static str]| keys.iter().map(|k| get(k)).collect::<Option<Vec<_>>>();
+    if let Some(v) = all(&["OS_STORAGE_URL", "OS_AUTH_TOKEN"]) {
+        return Ok(v);
+    }
+    if get("ST_AUTH").is_some() {
+        return match all(&["ST_AUTH", "ST_USER", "ST_KEY"]) {
+            Some(v) => Ok(v),
+            None => miss("ST_USER and ST_KEY (with ST_AUTH)", "v1 authentication"),
+        };
+    }
+    if get("OS_AUTH_URL").is_none() {
+        return miss(
+            "OS_AUTH_URL (Keystone), ST_AUTH/ST_USER/ST_KEY (v1) or OS_STORAGE_URL/OS_AUTH_TOKEN",
+            "the OpenStack credentials of the container's project",
+        );
+    }
+    let mut found: Found = vec![get("OS_AUTH_URL").expect("checked")];
+    // Application credentials (v3) need no user.
+    if let Some(v) = all(&["OS_APPLICATION_CREDENTIAL_ID", "OS_APPLICATION_CREDENTIAL_SECRET"]) {
+        found.extend(v);
+        return Ok(found);
+    }
+    for (keys, hint) in
+        [(&["OS_USERNAME", "OS_USER_ID"][..], "the Keystone user"), (&["OS_PASSWORD"][..], "the Keystone password")]
+    {
+        match keys.iter().find_map(|k| get(k)) {
+            Some(x) => found.push(x),
+            None => return miss(&keys.join(" or "), hint),
+        }
+    }
+    // v3 scopes the token to a project and domain; v2 to a tenant.
+    for k in [
+        "OS_PROJECT_NAME",
+        "OS_PROJECT_ID",
+        "OS_TENANT_NAME",
+        "OS_TENANT_ID",
+        "OS_USER_DOMAIN_NAME",
+        "OS_USER_DOMAIN_ID",
+        "OS_PROJECT_DOMAIN_NAME",
+        "OS_PROJECT_DOMAIN_ID",
+        "OS_REGION_NAME",
+        "OS_INTERFACE",
+    ] {
+        found.extend(get(k));
+    }
+    Ok(found)
+}
+
+/// Parses `given` and builds the backends for it, checking the environment first.
+pub fn open_backends(given: &str) -> anyhow::Result<rustic_core::RepositoryBackends> {
+    let location: Location = given.parse()?;
+    match &location {
+        Location::Local(path) => {
+            let path =
+                path.to_str().ok_or_else(|| anyhow::anyhow!("the repository path {} is not UTF-8", path.display()))?;
+            Ok(rustic_backend::BackendOptions::default().repository(format!("local:{path}")).to_backends()?)
+        }
+        other => anyhow::bail!(
+            "{other}: this build of shmback stores repositories in local directories only; the S3 \
+             backend and the other restic backends are the next step (README, \"Backends\"). \
+             Meanwhile use a local path (e.g. a mounted volume)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3(scheme: &str, host: &str, bucket: &str, prefix: &str) -> Location {
+        Location::S3(S3Location {
+            scheme: scheme.into(),
+            host: host.into(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        })
+    }
+
+    #[test]
+    fn every_restic_form_parses() {
+        let cases: Vec<(&str, Location)> = vec![
+            ("/srv/restic-repo", Location::Local("/srv/restic-repo".into())),
+            ("local:/srv/repo", Location::Local("/srv/repo".into())),
+            ("relative/repo", Location::Local("relative/repo".into())),
+            (
+                "s3:https://s3.example.com:9000/bucket/some/prefix/",
+                s3("https", "s3.example.com:9000", "bucket", "some/prefix"),
+            ),
+            ("s3:http://127.0.0.1:9000/restic", s3("http", "127.0.0.1:9000", "restic", "")),
+            ("s3:s3.amazonaws.com/my-bucket", s3("https", "s3.amazonaws.com", "my-bucket", "")),
+            (
+                "s3:s3.us-west-2.amazonaws.com/bkt/akash/db",
+                s3("https", "s3.us-west-2.amazonaws.com", "bkt", "akash/db"),
+            ),
+            ("s3:renterd.local:9880/backups", s3("https", "renterd.local:9880", "backups", "")),
+            ("gs:my-bucket:/restic", Location::Gcs { bucket: "my-bucket".into(), prefix: "restic".into() }),
+            ("gs:my-bucket:/", Location::Gcs { bucket: "my-bucket".into(), prefix: "".into() }),
+            ("azure:backups:/akash/app", Location::Azure { container: "backups".into(), prefix: "akash/app".into() }),
+            ("swift:cont:/path", Location::Swift { container: "cont".into(), prefix: "path".into() }),
+            ("b2:bucketname:path/to/repo", Location::B2 { bucket: "bucketname".into(), prefix: "path/to/repo".into() }),
+            ("b2:bucketname", Location::B2 { bucket: "bucketname".into(), prefix: "".into() }),
+            (
+                "sftp:user@host:/srv/restic-repo",
+                Location::Sftp {
+                    user: Some("user".into()),
+                    host: "host".into(),
+                    port: None,
+                    path: "/srv/restic-repo".into(),
+                },
+            ),
+            ("sftp:host:repo", Location::Sftp { user: None, host: "host".into(), port: None, path: "repo".into() }),
+            (
+                "sftp://user@[::1]:2222//srv/repo",
+                Location::Sftp {
+                    user: Some("user".into()),
+                    host: "[::1]".into(),
+                    port: Some(2222),
+                    path: "/srv/repo".into(),
+                },
+            ),
+            ("rest:http://127.0.0.1:8000/repo", Location::Rest { url: "http://127.0.0.1:8000/repo".into() }),
+            ("rest:https://user:pass@host:8000/", Location::Rest { url: "https://user:pass@host:8000/".into() }),
+            ("rclone:remote:path/to/repo", Location::Rclone { remote: "remote:path/to/repo".into() }),
+        ];
+        for (given, want) in cases {
+            assert_eq!(given.parse::<Location>().as_ref(), Ok(&want), "{given}");
+        }
+    }
+
+    #[test]
+    fn bad_forms_say_what_is_wrong() {
+        for (given, says) in [
+            ("", "empty"),
+            ("s3:", "host is empty"),
+            ("s3:https://host", "no bucket"),
+            ("s3:https://host:port/b", "not a port number"),
+            ("s3:host/UPPER", "not a valid S3 bucket name"),
+            ("s3:ftp://host/bucket", "http:// or https://"),
+            ("gs:bucket", "bucket:/prefix"),
+            ("gs::/x", "bucket name is empty"),
+            ("azure:", "expected container"),
+            ("sftp:hostonly", "sftp:[user@]host:/path"),
+            ("rest:host:8000/x", "http:// or https://"),
+            ("rclone:", "remote:path"),
+            ("ftp:host/x", "unknown backend `ftp`"),
+            ("C:\\repo", "Windows"),
+        ] {
+            let e = given.parse::<Location>().unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(says), "{given}: {text}");
+            assert!(text.contains("Forms:"), "{given}: the error lists the forms");
+        }
+    }
+
+    #[test]
+    fn aws_endpoints_are_recognised() {
+        let loc = |s: &str| match s.parse::<Location>().unwrap() {
+            Location::S3(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert!(loc("s3:s3.amazonaws.com/b12").is_aws());
+        assert!(loc("s3:s3.eu-central-1.amazonaws.com/b12").is_aws());
+        assert!(!loc("s3:http://127.0.0.1:9000/b12").is_aws());
+        assert!(!loc("s3:https://gateway.storjshare.io/b12").is_aws());
+        assert_eq!(loc("s3:http://127.0.0.1:9000/b12/p").endpoint(), "http://127.0.0.1:9000");
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn missing_variables_name_themselves() {
+        let gs: Location = "gs:b:/p".parse().unwrap();
+        let e = credentials(&gs, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("GOOGLE_PROJECT_ID"), "{e}");
+        let e = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p")])).unwrap_err();
+        assert!(e.to_string().contains("GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_ACCESS_TOKEN"), "{e}");
+        let ok = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p"), ("GOOGLE_APPLICATION_CREDENTIALS", "/sa.json")]));
+        assert_eq!(ok.unwrap().len(), 2);
+
+        let az: Location = "azure:c:/p".parse().unwrap();
+        let e = credentials(&az, env(&[("AZURE_ACCOUNT_NAME", "acct")])).unwrap_err();
+        assert!(e.to_string().contains("AZURE_ACCOUNT_KEY or AZURE_ACCOUNT_SAS"), "{e}");
+        assert!(credentials(&az, env(&[("AZURE_ACCOUNT_NAME", "a"), ("AZURE_ACCOUNT_SAS", "s")])).is_ok());
+
+        let b2: Location = "b2:bucket".parse().unwrap();
+        let e = credentials(&b2, env(&[("B2_ACCOUNT_ID", "id"), ("B2_ACCOUNT_KEY", "")])).unwrap_err();
+        assert!(e.to_string().contains("B2_ACCOUNT_KEY"), "an empty variable counts as missing: {e}");
+    }
+
+    #[test]
+    fn swift_takes_storage_url_v1_or_keystone() {
+        let sw: Location = "swift:c:/p".parse().unwrap();
+        let e = credentials(&sw, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("OS_AUTH_URL"), "{e}");
+        let v = credentials(&sw, env(&[("OS_STORAGE_URL", "https://x/v1/AUTH_p"), ("OS_AUTH_TOKEN", "t")])).unwrap();
+        assert_eq!(v.iter().map(|x| x.0).collect::<Vec<_>>(), ["OS_STORAGE_URL", "OS_AUTH_TOKEN"]);
+        let e = credentials(&sw, env(&[("ST_AUTH", "https://x/auth/v1.0"), ("ST_USER", "u")])).unwrap_err();
+        assert!(e.to_string().contains("ST_USER and ST_KEY"), "{e}");
+        assert_eq!(credentials(&sw, env(&[("ST_AUTH", "a"), ("ST_USER", "u"), ("ST_KEY", "k")])).unwrap().len(), 3);
+        // Keystone v3 with a project and domains; v2 with a tenant.
+        let v3 = [
+            ("OS_AUTH_URL", "https://keystone:5000/v3"),
+            ("OS_USERNAME", "u"),
+            ("OS_PASSWORD", "p"),
+            ("OS_PROJECT_NAME", "proj"),
+            ("OS_USER_DOMAIN_NAME", "Default"),
+            ("OS_PROJECT_DOMAIN_NAME", "Default"),
+            ("OS_REGION_NAME", "RegionOne"),
+        ];
+        assert_eq!(credentials(&sw, env(&v3)).unwrap().len(), 7);
+        let v2 =
+            [("OS_AUTH_URL", "https://k/v2.0"), ("OS_USERNAME", "u"), ("OS_PASSWORD", "p"), ("OS_TENANT_NAME", "t")];
+        assert_eq!(credentials(&sw, env(&v2)).unwrap().len(), 4);
+        let e = credentials(&sw, env(&[("OS_AUTH_URL", "https://k/v3"), ("OS_USERNAME", "u")])).unwrap_err();
+        assert!(e.to_string().contains("OS_PASSWORD"), "{e}");
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for given in
+            ["local:/srv/r", "s3:http://127.0.0.1:9000/b12/p", "gs:b:/p", "b2:b:p", "rclone:r:p", "rest:http://h:1/r"]
+        {
+            let loc: Location = given.parse().unwrap();
+            assert_eq!(loc.to_string().parse::<Location>().unwrap(), loc, "{given}");
+        }
+    }
+}
