@@ -133,28 +133,46 @@ fn summary(o: &BatchOutcome) -> Option<String> {
 
 /// Compares every file and symlink under `a` with `b`; returns files and bytes compared.
 pub fn compare_trees(a: &Path, b: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
     let (mut files, mut bytes) = (0, 0);
+    let mut names = 0usize;
     for e in std::fs::read_dir(a).with_context(|| format!("{}", a.display()))? {
         let e = e?;
+        names += 1;
         let (pa, pb) = (e.path(), b.join(e.file_name()));
         let m = std::fs::symlink_metadata(&pa)?;
+        let mb =
+            std::fs::symlink_metadata(&pb).with_context(|| format!("{} is missing after restore", pb.display()))?;
+        if m.file_type() != mb.file_type() {
+            bail!("{} is another kind of file after restore", pb.display());
+        }
+        if !m.is_symlink() && m.mode() & 0o7777 != mb.mode() & 0o7777 {
+            bail!("{} has mode {:o} after restore, {:o} before", pb.display(), mb.mode() & 0o7777, m.mode() & 0o7777);
+        }
         if m.is_dir() {
             let (f, n) = compare_trees(&pa, &pb)?;
             files += f;
             bytes += n;
         } else if m.is_symlink() {
-            if std::fs::read_link(&pa)? != std::fs::read_link(&pb).with_context(|| format!("{}", pb.display()))? {
+            if std::fs::read_link(&pa)? != std::fs::read_link(&pb)? {
                 bail!("symlink {} differs after restore", pb.display());
             }
             files += 1;
         } else if m.is_file() {
-            let (x, y) = (std::fs::read(&pa)?, std::fs::read(&pb).with_context(|| format!("{}", pb.display()))?);
+            if (m.mtime(), m.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
+                bail!("{} has another mtime after restore", pb.display());
+            }
+            let (x, y) = (std::fs::read(&pa)?, std::fs::read(&pb)?);
             if x != y {
                 bail!("{} differs after restore", pb.display());
             }
             files += 1;
             bytes += x.len() as u64;
         }
+    }
+    let restored = std::fs::read_dir(b).with_context(|| format!("{}", b.display()))?.count();
+    if restored != names {
+        bail!("{} has {restored} entries after restore, {names} before", b.display());
     }
     Ok((files, bytes))
 }

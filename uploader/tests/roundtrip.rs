@@ -23,9 +23,20 @@ fn tree(root: &Path) {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(format!("f{i}")), content(i, i * 997 % 5000)).unwrap();
     }
-    std::fs::write(root.join("big.bin"), content(99, 3 << 20)).unwrap();
+    // Several times the 4 MiB ring.
+    std::fs::write(root.join("big.bin"), content(99, 13 << 20)).unwrap();
     std::fs::write(root.join("empty"), b"").unwrap();
     std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
+    // An empty directory, a deep tree, a file with unusual mode bits and an old nanosecond mtime.
+    std::fs::create_dir(root.join("empty-dir")).unwrap();
+    let deep: std::path::PathBuf = (0..40).map(|i| format!("level{i}")).collect();
+    std::fs::create_dir_all(root.join(&deep)).unwrap();
+    std::fs::write(root.join(&deep).join("leaf"), b"deep").unwrap();
+    let odd = root.join("d1/odd-mode");
+    std::fs::write(&odd, b"x").unwrap();
+    std::fs::set_permissions(&odd, std::os::unix::fs::PermissionsExt::from_mode(0o4751)).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+    std::fs::File::options().write(true).open(&odd).unwrap().set_modified(t).unwrap();
 }
 
 #[test]
@@ -97,7 +108,7 @@ fn batches_become_snapshots_that_restore_byte_exact() {
         assert!(out == want, "{rel} differs after restore");
         assert_eq!(node.meta.size, want.len() as u64);
     };
-    check("data/big.bin", &content(99, 3 << 20));
+    check("data/big.bin", &content(99, 13 << 20));
     // The stream's node records the size read (restic truncates a restored file to it).
     check("dump/stream.sql", &content(7, 9 << 20));
     // The repository checks clean, data included, and a full restore equals the source tree.
@@ -105,8 +116,8 @@ fn batches_become_snapshots_that_restore_byte_exact() {
     let dest = tempfile::tempdir().unwrap();
     shmback_uploader::commands::restore(&repo_loc, PW, &snaps[1].id.to_hex(), dest.path()).unwrap();
     let (files, bytes) = shmback_uploader::demo::compare_trees(src.path(), &dest.path().join("data")).unwrap();
-    assert_eq!(files, 53);
-    assert_eq!(bytes, (3 << 20) + (0..50).map(|i| (i * 997 % 5000) as u64).sum::<u64>());
+    assert_eq!(files, 55);
+    assert_eq!(bytes, (13 << 20) + 4 + 1 + (0..50).map(|i| (i * 997 % 5000) as u64).sum::<u64>());
     check("data/empty", b"");
     for i in 0..50 {
         check(&format!("data/d{}/f{i}", i % 5), &content(i, i * 997 % 5000));
