@@ -13,6 +13,7 @@ pub mod gate;
 pub mod location;
 pub mod node;
 pub mod progress;
+pub mod s3;
 pub mod source;
 
 pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};

@@ -374,6 +374,14 @@ fn swift_credentials(get: &impl Fn(&'static str) -> Option<(&'static str, String
     Ok(found)
 }
 
+static S3_OPTIONS: std::sync::OnceLock<crate::s3::S3Options> = std::sync::OnceLock::new();
+
+/// Sets the S3 options every later [`open_backends`] uses (the command line's `--s3-*` flags; set
+/// once, at start-up). Without it the defaults apply.
+pub fn set_s3_options(opts: crate::s3::S3Options) {
+    let _ = S3_OPTIONS.set(opts);
+}
+
 /// Parses `given` and builds the backends for it, checking the environment first.
 pub fn open_backends(given: &str) -> anyhow::Result<rustic_core::RepositoryBackends> {
     let location: Location = given.parse()?;
@@ -383,10 +391,14 @@ pub fn open_backends(given: &str) -> anyhow::Result<rustic_core::RepositoryBacke
                 path.to_str().ok_or_else(|| anyhow::anyhow!("the repository path {} is not UTF-8", path.display()))?;
             Ok(rustic_backend::BackendOptions::default().repository(format!("local:{path}")).to_backends()?)
         }
+        Location::S3(loc) => {
+            let opts = S3_OPTIONS.get().cloned().unwrap_or_default();
+            let be = crate::s3::S3Backend::new(loc, opts)?;
+            Ok(rustic_core::RepositoryBackends::new(std::sync::Arc::new(be), None))
+        }
         other => anyhow::bail!(
-            "{other}: this build of shmback stores repositories in local directories only; the S3 \
-             backend and the other restic backends are the next step (README, \"Backends\"). \
-             Meanwhile use a local path (e.g. a mounted volume)"
+            "{other}: this build of shmback stores repositories in local directories and on S3; the \
+             other restic backends are the next step (README, \"Backends\")"
         ),
     }
 }

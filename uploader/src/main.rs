@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
+use shmback_uploader::location::set_s3_options;
+use shmback_uploader::s3::{Provider, S3Error, S3Options};
 use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
@@ -20,7 +22,7 @@ use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve_al
 #[derive(Parser)]
 #[command(name = "shmback", version, after_help = TOP_EXAMPLES)]
 struct Cli {
-    /// Repository: a directory or `local:PATH`.
+    /// Repository: a directory, `local:PATH` or `s3:[http(s)://]host[:port]/bucket[/prefix]`.
     #[arg(short, long, global = true, env = "RESTIC_REPOSITORY")]
     repo: Option<String>,
     /// Repository password.
@@ -32,6 +34,31 @@ struct Cli {
     /// Shell command printing the repository password (first line of its output).
     #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND")]
     password_command: Option<String>,
+    /// S3: which implementation is behind the endpoint (auto: AWS for *.amazonaws.com, else generic).
+    #[arg(long, global = true, env = "SHMBACK_S3_PROVIDER", value_enum, default_value_t = Provider::Auto)]
+    s3_provider: Provider,
+    /// S3: region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile, else us-east-1).
+    #[arg(long, global = true, env = "SHMBACK_S3_REGION")]
+    s3_region: Option<String>,
+    /// S3: path-style addressing (the default for any endpoint but AWS).
+    #[arg(long, global = true, conflicts_with = "s3_virtual_host")]
+    s3_path_style: bool,
+    /// S3: virtual-host addressing (the default for AWS).
+    #[arg(long, global = true)]
+    s3_virtual_host: bool,
+    /// S3: storage class of new objects (e.g. STANDARD_IA).
+    #[arg(long, global = true, env = "SHMBACK_S3_STORAGE_CLASS")]
+    s3_storage_class: Option<String>,
+    /// S3: pack uploads kept in flight at once (an index or snapshot waits for all of them).
+    #[arg(long, global = true, env = "SHMBACK_S3_INFLIGHT", default_value_t = 4)]
+    s3_inflight: usize,
+    /// S3: attempts per request on 5xx, throttling, timeouts and dropped connections (backoff
+    /// with jitter, 0.2 s doubling up to 20 s); 4xx answers are never retried.
+    #[arg(long, global = true, env = "SHMBACK_S3_ATTEMPTS", default_value_t = 8)]
+    s3_attempts: u32,
+    /// S3: objects of at least this many MiB are uploaded with multipart (16 MiB parts).
+    #[arg(long, global = true, env = "SHMBACK_S3_MULTIPART_MIB", default_value_t = 64)]
+    s3_multipart_mib: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -48,10 +75,14 @@ const TOP_EXAMPLES: &str = "Examples:
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new repository.
-    #[command(
-        after_help = "Example:\n  RESTIC_REPOSITORY=/backups/repo RESTIC_PASSWORD_FILE=/run/secrets/restic shmback init"
-    )]
-    Init,
+    #[command(after_help = "Examples:
+  RESTIC_REPOSITORY=/backups/repo RESTIC_PASSWORD_FILE=/run/secrets/restic shmback init
+  RESTIC_REPOSITORY=s3:http://127.0.0.1:9000/backups shmback init --create-bucket")]
+    Init {
+        /// S3: create the bucket if it does not exist (where the provider allows it).
+        #[arg(long)]
+        create_bucket: bool,
+    },
     /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT.
     ///
     /// Each segment (one producer each) is served by its own thread, so a slow producer never
@@ -178,9 +209,31 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    set_s3_options(S3Options {
+        provider: cli.s3_provider,
+        region: cli.s3_region.clone(),
+        path_style: if cli.s3_path_style {
+            Some(true)
+        } else if cli.s3_virtual_host {
+            Some(false)
+        } else {
+            None
+        },
+        storage_class: cli.s3_storage_class.clone(),
+        inflight: cli.s3_inflight,
+        max_attempts: cli.s3_attempts.max(1),
+        multipart_threshold: cli.s3_multipart_mib.max(1) << 20,
+        create_bucket: matches!(cli.cmd, Cmd::Init { create_bucket: true }),
+        ..S3Options::default()
+    });
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // A storage error gets its own message and exit status (README, "Exit status").
+            if let Some(s3) = e.chain().find_map(|c| c.downcast_ref::<S3Error>()) {
+                eprintln!("shmback: {s3}");
+                return ExitCode::from(s3.exit_code());
+            }
             eprintln!("shmback: {e:#}");
             ExitCode::FAILURE
         }
@@ -204,7 +257,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| std::env::temp_dir().join(format!("shmback-demo-{}", std::process::id())));
             shmback_uploader::demo::demo(&dir, &work)?;
         }
-        Cmd::Init => {
+        Cmd::Init { .. } => {
             let (repo, pw) = repo_and_password()?;
             open_repo(&repo, &pw, true)?;
             println!("created repository {repo}");

@@ -1,0 +1,332 @@
+//! The S3 backend against an S3 server started by the test on 127.0.0.1 (`s3s` + `s3s-fs`, with a
+//! fault-injecting layer): ring → `shmback run` → repository on S3, restore byte-exact and
+//! `check --read-data` clean; transient 500/503 answers retried (and logged) and the backup
+//! completes; a pack upload that keeps failing leaves no snapshot; wrong credentials, a missing
+//! bucket and an unreachable endpoint each get their message and exit status.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use s3s::dto::*;
+use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
+use shmback_writer::{Outbox, OutboxOptions, WriteError};
+
+const T: Duration = Duration::from_secs(120);
+const AK: &str = "shmbacktestaccesskey";
+const SK: &str = "shmbacktestsecretkey0123456789abcdefghij";
+
+/// Faults to inject: the next `n` requests of a kind whose key contains `needle` fail.
+#[derive(Default)]
+struct Faults {
+    put_fail: AtomicU32,
+    put_needle: std::sync::Mutex<String>,
+    get_fail: AtomicU32,
+    injected: AtomicU32,
+    parts: AtomicU32,
+}
+
+impl Faults {
+    fn take(&self, counter: &AtomicU32, key: &str, needle: &str) -> bool {
+        if !key.contains(needle) {
+            return false;
+        }
+        let hit = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if hit {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        hit
+    }
+}
+
+/// `s3s-fs` behind a layer that fails requests on demand.
+struct Faulty {
+    fs: s3s_fs::FileSystem,
+    faults: Arc<Faults>,
+}
+
+#[async_trait::async_trait]
+impl S3 for Faulty {
+    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+        let needle = self.faults.put_needle.lock().unwrap().clone();
+        if self.faults.take(&self.faults.put_fail, &req.input.key, &needle) {
+            return Err(s3_error!(SlowDown, "injected: slow down"));
+        }
+        self.fs.put_object(req).await
+    }
+    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        if self.faults.take(&self.faults.get_fail, &req.input.key, "") {
+            return Err(s3_error!(InternalError, "injected: internal error"));
+        }
+        self.fs.get_object(req).await
+    }
+    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+        self.fs.head_object(req).await
+    }
+    async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.fs.head_bucket(req).await
+    }
+    async fn create_bucket(&self, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
+        self.fs.create_bucket(req).await
+    }
+    async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+        self.fs.list_objects_v2(req).await
+    }
+    async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.fs.delete_object(req).await
+    }
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        self.fs.create_multipart_upload(req).await
+    }
+    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+        self.faults.parts.fetch_add(1, Ordering::SeqCst);
+        self.fs.upload_part(req).await
+    }
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        self.fs.complete_multipart_upload(req).await
+    }
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        self.fs.abort_multipart_upload(req).await
+    }
+}
+
+/// An S3 server on 127.0.0.1 serving `root` (each directory a bucket), stopped on drop.
+struct Server {
+    addr: SocketAddr,
+    faults: Arc<Faults>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let faults = Arc::new(Faults::default());
+        let service = {
+            let mut b = s3s::service::S3ServiceBuilder::new(Faulty {
+                fs: s3s_fs::FileSystem::new(root).unwrap(),
+                faults: faults.clone(),
+            });
+            b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
+            b.build()
+        };
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { continue };
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone()).into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        Server { addr, faults, rt: Some(rt) }
+    }
+
+    fn repo(&self, bucket_and_prefix: &str) -> String {
+        format!("s3:http://{}/{bucket_and_prefix}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+fn shmback(repo: &str, args: &[&str], secret: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
+    c.args(args)
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", "pw")
+        .env("AWS_ACCESS_KEY_ID", AK)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_REGION", "us-east-1")
+        // No profile files, no instance metadata: the test's credentials only.
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("RESTIC_PASSWORD_FILE")
+        .env_remove("RESTIC_PASSWORD_COMMAND")
+        .stdin(Stdio::null());
+    c
+}
+
+fn out(c: &mut Command) -> Output {
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn tree(root: &Path) {
+    for i in 0..30u32 {
+        let d = root.join(format!("d{}", i % 3));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}")), vec![i as u8; (i as usize * 7919) % 20000]).unwrap();
+    }
+    // Incompressible and large enough for several packs.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..(24usize << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(root.join("big.bin"), big).unwrap();
+    std::fs::create_dir(root.join("empty-dir")).unwrap();
+    std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
+}
+
+/// `shmback run` on a fresh segment, its stderr in `log`; objects of 1 MiB or more go up in
+/// multipart uploads (so packs exercise it).
+fn uploader(repo: &str, seg: &Path, log: &Path) -> Child {
+    let child = shmback(repo, &["run", "--segment", seg.to_str().unwrap(), "--s3-multipart-mib", "1"], SK)
+        .env("RUST_LOG", "info,shmback_uploader::s3=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !seg.exists() {
+        assert!(t.elapsed() < T, "the uploader did not create its segment:\n{}", std::fs::read_to_string(log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop(mut child: Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > T {
+            child.kill().unwrap();
+            panic!("the uploader did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send(seg: &Path, src: &Path) -> Result<[u8; 32], WriteError> {
+    let mut ob = Outbox::open(seg, OutboxOptions { timeout: T, ..OutboxOptions::default() })?;
+    let mut b = ob.batch();
+    b.add_dir("data", src)?;
+    b.commit()?.wait_durable(T).map(|id| id.0)
+}
+
+#[test]
+fn ring_to_s3_restores_byte_exact_through_transient_faults() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    let server = Server::start(root.path());
+    let repo = server.repo("bucket/akash/app");
+    let o = out(&mut shmback(&repo, &["init"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    // restic's layout under the prefix.
+    assert!(root.path().join("bucket/akash/app/config").is_file());
+    assert!(root.path().join("bucket/akash/app/keys").is_dir());
+
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path());
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("run.log");
+    let up = uploader(&repo, &seg, &log);
+    // The first pack uploads answer 503 SlowDown, reads answer 500: retried, and the batch lands.
+    *server.faults.put_needle.lock().unwrap() = "/data/".into();
+    server.faults.put_fail.store(3, Ordering::SeqCst);
+    server.faults.get_fail.store(2, Ordering::SeqCst);
+    send(&seg, src.path()).expect("the batch is stored despite the faults");
+    // Unchanged: almost nothing new, and it is stored again as a snapshot.
+    send(&seg, src.path()).expect("the second batch");
+    stop(up);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(server.faults.injected.load(Ordering::SeqCst) >= 3, "faults were injected");
+    assert!(log.contains("S3 request failed, retrying"), "the retries show in the log:\n{log}");
+    assert!(
+        server.faults.parts.load(Ordering::SeqCst) > 0,
+        "packs of 1 MiB or more went up in multipart uploads:\n{log}"
+    );
+
+    let o = out(&mut shmback(&repo, &["snapshots"], SK));
+    assert!(text(&o).contains("2 snapshots"), "{}", text(&o));
+    let o = out(&mut shmback(&repo, &["check", "--read-data"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    let dest = tempfile::tempdir().unwrap();
+    let o = out(&mut shmback(&repo, &["restore", "latest", dest.path().to_str().unwrap()], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    let (files, _) = shmback_uploader::demo::compare_trees(src.path(), &dest.path().join("data")).unwrap();
+    assert_eq!(files, 32);
+}
+
+#[test]
+fn a_pack_upload_that_keeps_failing_leaves_no_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    let server = Server::start(root.path());
+    let repo = server.repo("bucket");
+    assert!(out(&mut shmback(&repo, &["init"], SK)).status.success());
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path());
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("run.log");
+    let up = uploader(&repo, &seg, &log);
+    *server.faults.put_needle.lock().unwrap() = "data/".into();
+    server.faults.put_fail.store(u32::MAX, Ordering::SeqCst);
+    let got = send(&seg, src.path());
+    assert!(matches!(got, Err(WriteError::Rejected { .. })), "{got:?}");
+    // The uploader keeps serving: with the fault gone, the resend is stored.
+    server.faults.put_fail.store(0, Ordering::SeqCst);
+    send(&seg, src.path()).expect("the resend after the fault");
+    stop(up);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("batch rejected") && log.contains("S3"), "the log names the storage failure:\n{log}");
+    let o = out(&mut shmback(&repo, &["snapshots"], SK));
+    assert!(text(&o).contains("1 snapshots"), "only the resend made a snapshot: {}", text(&o));
+    let o = out(&mut shmback(&repo, &["check", "--read-data"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn credentials_bucket_and_endpoint_errors_are_distinct() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    let server = Server::start(root.path());
+    // Wrong secret.
+    let o = out(&mut shmback(&server.repo("bucket"), &["init"], "wrong-secret-0123456789abcdefghijklmnopq"));
+    assert_eq!(o.status.code(), Some(10), "{}", text(&o));
+    assert!(text(&o).contains("refused the credentials"), "{}", text(&o));
+    // Missing bucket, then created on request.
+    let o = out(&mut shmback(&server.repo("nobucket"), &["init"], SK));
+    assert_eq!(o.status.code(), Some(11), "{}", text(&o));
+    assert!(text(&o).contains("--create-bucket"), "{}", text(&o));
+    let o = out(&mut shmback(&server.repo("nobucket"), &["init", "--create-bucket"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(root.path().join("nobucket/config").is_file());
+    // Nothing listens: unreachable (after bounded retries).
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let o = out(&mut shmback(&format!("s3:http://{free}/bucket"), &["snapshots", "--s3-attempts", "3"], SK));
+    assert_eq!(o.status.code(), Some(12), "{}", text(&o));
+    assert!(text(&o).contains("cannot reach"), "{}", text(&o));
+}
