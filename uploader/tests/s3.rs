@@ -2,7 +2,8 @@
 //! fault-injecting layer): ring → `shmback run` → repository on S3, restore byte-exact and
 //! `check --read-data` clean; transient 500/503 answers retried (and logged) and the backup
 //! completes; a pack upload that keeps failing leaves no snapshot; wrong credentials, a missing
-//! bucket and an unreachable endpoint each get their message and exit status.
+//! bucket, TLS to a plain-HTTP server and an unreachable endpoint each get their message and exit
+//! status.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -324,6 +325,10 @@ fn credentials_bucket_and_endpoint_errors_are_distinct() {
     let o = out(&mut shmback(&server.repo("nobucket"), &["init", "--create-bucket"], SK));
     assert!(o.status.success(), "{}", text(&o));
     assert!(root.path().join("nobucket/config").is_file());
+    // TLS to a server that speaks plain HTTP: the handshake fails, and the message says how to fix it.
+    let o = out(&mut shmback(&format!("s3:https://{}/bucket", server.addr), &["snapshots", "--s3-attempts", "2"], SK));
+    assert_eq!(o.status.code(), Some(13), "{}", text(&o));
+    assert!(text(&o).contains("TLS") && text(&o).contains("s3:http://"), "{}", text(&o));
     // Nothing listens: unreachable (after bounded retries).
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let o = out(&mut shmback(&format!("s3:http://{free}/bucket"), &["snapshots", "--s3-attempts", "3"], SK));
