@@ -12,8 +12,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -182,18 +182,13 @@ type Upload = (String, JoinHandle<Result<(), S3Error>>);
 /// The backend.
 pub struct S3Backend {
     rt: tokio::runtime::Runtime,
-    client: Client,
-    bucket: String,
+    /// What requests need; shared with the spawned pack uploads.
+    ctx: Arc<Ctx>,
     /// `""` or `"some/prefix/"`.
     prefix: String,
-    endpoint: String,
     location: String,
-    opts: S3Options,
-    storage_class: Option<aws_sdk_s3::types::StorageClass>,
     /// Pack uploads in flight, oldest first.
     inflight: Mutex<VecDeque<Upload>>,
-    /// Retries made so far (for logs and tests).
-    retries: std::sync::Arc<AtomicU64>,
 }
 
 impl fmt::Debug for S3Backend {
@@ -250,21 +245,11 @@ impl S3Backend {
         let storage_class = opts.storage_class.as_deref().map(aws_sdk_s3::types::StorageClass::from);
         Ok(S3Backend {
             rt,
-            client,
-            bucket: loc.bucket.clone(),
+            ctx: Arc::new(Ctx { client, bucket: loc.bucket.clone(), endpoint: loc.endpoint(), opts, storage_class }),
             prefix,
-            endpoint: loc.endpoint(),
             location: format!("s3:{}/{}/{}", loc.endpoint(), loc.bucket, loc.prefix),
-            opts,
-            storage_class,
             inflight: Mutex::new(VecDeque::new()),
-            retries: Default::default(),
         })
-    }
-
-    /// Retries made so far by this backend.
-    pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
     }
 
     fn key(&self, tpe: FileType, id: &Id) -> String {
@@ -273,17 +258,6 @@ impl S3Backend {
             FileType::Config => format!("{}config", self.prefix),
             FileType::Pack => format!("{}data/{}/{}", self.prefix, &hex.as_str()[..2], hex.as_str()),
             other => format!("{}{}/{}", self.prefix, other.dirname(), hex.as_str()),
-        }
-    }
-
-    fn ctx(&self) -> Ctx {
-        Ctx {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            endpoint: self.endpoint.clone(),
-            opts: self.opts.clone(),
-            storage_class: self.storage_class.clone(),
-            retries: self.retries.clone(),
         }
     }
 
@@ -311,15 +285,13 @@ impl S3Backend {
     }
 }
 
-/// What a request needs, cloneable into spawned uploads.
-#[derive(Clone)]
+/// What a request needs (the client, the bucket and the options).
 struct Ctx {
     client: Client,
     bucket: String,
     endpoint: String,
     opts: S3Options,
     storage_class: Option<aws_sdk_s3::types::StorageClass>,
-    retries: std::sync::Arc<AtomicU64>,
 }
 
 impl Ctx {
@@ -395,7 +367,6 @@ impl Ctx {
                 Err(Failure { error, retry: true }) if n < self.opts.max_attempts => {
                     let cap = self.opts.base_backoff.saturating_mul(1 << (n - 1).min(16)).min(self.opts.max_backoff);
                     let delay = cap.mul_f64(jitter());
-                    self.retries.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         op,
                         key,
@@ -562,10 +533,10 @@ impl ReadBackend for S3Backend {
     }
 
     fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        let ctx = self.ctx();
+        let ctx = &*self.ctx;
         if tpe == FileType::Config {
             let key = self.key(tpe, &Id::default());
-            let (c, k) = (&ctx, key.as_str());
+            let (c, k) = (ctx, key.as_str());
             let head = self.rt.block_on(c.retry("head", k, move || async move {
                 c.client.head_object().bucket(&c.bucket).key(k).send().await.map_err(|e| c.failure("head", k, e))
             }));
@@ -576,7 +547,7 @@ impl ReadBackend for S3Backend {
             };
         }
         let dir = format!("{}{}/", self.prefix, tpe.dirname());
-        let (c, d) = (&ctx, dir.as_str());
+        let (c, d) = (ctx, dir.as_str());
         let result = self.rt.block_on(async move {
             let mut out = Vec::new();
             let mut token: Option<String> = None;
@@ -616,7 +587,7 @@ impl ReadBackend for S3Backend {
     }
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        let ctx = self.ctx();
+        let ctx = &*self.ctx;
         self.rt.block_on(ctx.get(&self.key(tpe, id), None)).map_err(rustic_err)
     }
 
@@ -624,7 +595,7 @@ impl ReadBackend for S3Backend {
         if length == 0 {
             return Ok(Bytes::new());
         }
-        let ctx = self.ctx();
+        let ctx = &*self.ctx;
         // An explicit range: renterd/s3d refuse suffix ranges (`bytes=-N`).
         let range = format!("bytes={}-{}", offset, u64::from(offset) + u64::from(length) - 1);
         let got = self.rt.block_on(ctx.get(&self.key(tpe, id), Some(range))).map_err(rustic_err)?;
@@ -647,23 +618,23 @@ impl ReadBackend for S3Backend {
 
 impl WriteBackend for S3Backend {
     fn create(&self) -> RusticResult<()> {
-        let ctx = self.ctx();
-        let c = &ctx;
-        let head = self.rt.block_on(c.retry("head bucket", &self.bucket, move || async move {
+        let ctx = &*self.ctx;
+        let c = ctx;
+        let head = self.rt.block_on(c.retry("head bucket", &c.bucket, move || async move {
             c.client.head_bucket().bucket(&c.bucket).send().await.map_err(|e| c.failure("head bucket", &c.bucket, e))
         }));
         let missing = matches!(head, Err(S3Error::NotFound { .. } | S3Error::NoSuchBucket { .. }));
         match head {
             Ok(_) => Ok(()),
-            Err(_) if missing && self.opts.create_bucket => {
-                let region = self.client.config().region().map(|r| r.to_string()).unwrap_or_default();
+            Err(_) if missing && ctx.opts.create_bucket => {
+                let region = ctx.client.config().region().map(|r| r.to_string()).unwrap_or_default();
                 let conf = (region != "us-east-1" && !region.is_empty()).then(|| {
                     CreateBucketConfiguration::builder()
                         .location_constraint(BucketLocationConstraint::from(region.as_str()))
                         .build()
                 });
                 self.rt
-                    .block_on(c.retry("create bucket", &self.bucket, move || {
+                    .block_on(c.retry("create bucket", &c.bucket, move || {
                         let conf = conf.clone();
                         async move {
                             c.client
@@ -679,7 +650,7 @@ impl WriteBackend for S3Backend {
                     .map_err(rustic_err)
             }
             Err(_) if missing => {
-                Err(rustic_err(S3Error::NoSuchBucket { endpoint: self.endpoint.clone(), bucket: self.bucket.clone() }))
+                Err(rustic_err(S3Error::NoSuchBucket { endpoint: ctx.endpoint.clone(), bucket: ctx.bucket.clone() }))
             }
             Err(e) => Err(rustic_err(e)),
         }
@@ -695,7 +666,7 @@ impl WriteBackend for S3Backend {
             parts.iter().for_each(|p| b.extend_from_slice(p));
             b.freeze()
         };
-        let ctx = self.ctx();
+        let ctx = &*self.ctx;
         if tpe == FileType::Pack {
             // Report a failed earlier upload now rather than at the barrier.
             let mut q = self.lock_inflight();
@@ -707,11 +678,11 @@ impl WriteBackend for S3Backend {
                 self.join(upload).map_err(rustic_err)?;
             }
             let handle = self.rt.spawn({
-                let key = key.clone();
+                let (ctx, key) = (Arc::clone(&self.ctx), key.clone());
                 async move { ctx.put(key, body).await }
             });
             q.push_back((key, handle));
-            while q.len() > self.opts.inflight.max(1) {
+            while q.len() > ctx.opts.inflight.max(1) {
                 let upload = q.pop_front().expect("non-empty");
                 drop(q);
                 self.join(upload).map_err(rustic_err)?;
@@ -726,8 +697,8 @@ impl WriteBackend for S3Backend {
 
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
         let key = self.key(tpe, id);
-        let ctx = self.ctx();
-        let (c, k) = (&ctx, key.as_str());
+        let ctx = &*self.ctx;
+        let (c, k) = (ctx, key.as_str());
         self.rt
             .block_on(c.retry("delete", k, move || async move {
                 c.client
