@@ -39,11 +39,17 @@ fn tree(root: &Path) {
     std::fs::File::options().write(true).open(&odd).unwrap().set_modified(t).unwrap();
 }
 
+/// A new repository in a temporary directory: the directory (kept alive) and its location.
+fn fresh_repo() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap().to_string();
+    open_repo(&loc, PW, true).unwrap();
+    (dir, loc)
+}
+
 #[test]
 fn batches_become_snapshots_that_restore_byte_exact() {
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo_loc = repo_dir.path().to_str().unwrap().to_string();
-    open_repo(&repo_loc, PW, true).unwrap();
+    let (_repo_dir, repo_loc) = fresh_repo();
     let src = tempfile::tempdir().unwrap();
     tree(src.path());
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -126,9 +132,7 @@ fn batches_become_snapshots_that_restore_byte_exact() {
 
 #[test]
 fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
-    let repo_dir = tempfile::tempdir().unwrap();
-    let loc = repo_dir.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    let (_repo_dir, loc) = fresh_repo();
     let src = tempfile::tempdir().unwrap();
     tree(src.path());
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();

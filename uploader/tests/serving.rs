@@ -79,11 +79,17 @@ fn wait_for(path: &Path) {
     assert!(path.exists(), "{} was not created", path.display());
 }
 
+/// A new repository in a temporary directory: the directory (kept alive) and its location.
+fn fresh_repo() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap().to_string();
+    open_repo(&loc, PW, true).unwrap();
+    (dir, loc)
+}
+
 #[test]
 fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other() {
-    let repo = tempfile::tempdir().unwrap();
-    let loc = repo.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    let (_repo, loc) = fresh_repo();
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (a, b) = (shm.path().join("a"), shm.path().join("b"));
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,9 +128,7 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
 
 #[test]
 fn a_segment_named_twice_or_unusable_fails_at_start_up() {
-    let repo = tempfile::tempdir().unwrap();
-    let loc = repo.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    let (_repo, loc) = fresh_repo();
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let a = shm.path().join("a");
     let stop = Arc::new(AtomicBool::new(false));
@@ -137,9 +141,7 @@ fn a_segment_named_twice_or_unusable_fails_at_start_up() {
 
 #[test]
 fn sigterm_abandons_a_stalled_batch_after_the_grace_period_and_stores_nothing() {
-    let repo = tempfile::tempdir().unwrap();
-    let loc = repo.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    let (_repo, loc) = fresh_repo();
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let seg = shm.path().join("seg");
     let log = tempfile::NamedTempFile::new().unwrap();
