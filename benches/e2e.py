@@ -12,8 +12,16 @@ time and throughput over --runs, ratios against (a) from the same runs, peak RSS
 (wait4's ru_maxrss) and peak /dev/shm bytes of the handoff (the segment for (a), sampled; the outbox
 for (b) and (c)).
 
+With --s3, a local S3 server (`shmback-s3-server`: s3s + s3s-fs, its data on /dev/shm) takes
+the repositories instead, and the pipelines are:
+
+  (a)  shmback to a repository on tmpfs (the reference for what the S3 path costs)
+  (a3) shmback to the local S3 server
+  (c3) `cp -a` into /dev/shm, then `restic backup` to the same S3 server
+
   cargo build --release && python3 benches/e2e.py            # doc tree + 256 MiB of large files, 3 runs
   python3 benches/e2e.py --quick                              # small corpus, 1 run (CI: it works)
+  python3 benches/e2e.py --s3                                 # S3: shmback vs restic to the same server
 """
 
 import argparse
@@ -29,8 +37,13 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-BIN = {n: os.path.join(REL, n) for n in ("shmback", "shmback-send", "shmback-rustic-backup")}
+# Release binaries; SHMBACK_BIN_DIR points elsewhere (CI's --quick run checks the script with the
+# test build's binaries; figures come from release builds only).
+REL = os.environ.get("SHMBACK_BIN_DIR") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+BIN = {n: os.path.join(REL, n) for n in ("shmback", "shmback-send", "shmback-rustic-backup", "shmback-s3-server")}
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "e2ebench", "AWS_SECRET_ACCESS_KEY": "e2ebenchsecret", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
 PASSWORD = "e2e-bench"
 
 
@@ -113,11 +126,11 @@ class Sampler:
         return self.peak
 
 
-def pipeline_a(work, corpus, env):
-    repo = os.path.join(work, "repo-a")
+def pipeline_a(work, corpus, env, repo=None):
+    repo = repo or os.path.join(work, "repo-a")
     seg = f"/dev/shm/shmback-e2e-{os.getpid()}"
     e = dict(env, RESTIC_REPOSITORY=repo)
-    run([BIN["shmback"], "init"], e)
+    run([BIN["shmback"], "init", "--create-bucket"] if repo.startswith("s3:") else [BIN["shmback"], "init"], e)
     up = subprocess.Popen([BIN["shmback"], "run", "--segment", seg], env=e,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -166,8 +179,8 @@ def pipeline_b(work, corpus, env):
                   lambda outbox, _: run([BIN["shmback-rustic-backup"], repo, outbox], env))
 
 
-def pipeline_c(work, corpus, env):
-    repo = os.path.join(work, "repo-c")
+def pipeline_c(work, corpus, env, repo=None):
+    repo = repo or os.path.join(work, "repo-c")
     e = dict(env, RESTIC_REPOSITORY=repo, RESTIC_CACHE_DIR=os.path.join(work, "restic-cache"))
     run(["restic", "init"], e)
     return staged(work, corpus, e, "restic backup",
@@ -180,11 +193,13 @@ def main():
     ap.add_argument("--big-mib", type=int, default=256, help="MiB of large incompressible files to add")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small corpus, one run (checks the script works)")
-    ap.add_argument("--json", default=os.path.join(ROOT, "target", "e2e.json"))
+    ap.add_argument("--s3", action="store_true", help="repositories on a local S3 server: shmback vs restic")
+    ap.add_argument("--json", default=None, help="raw figures (default target/e2e.json, target/e2e-s3.json)")
     args = ap.parse_args()
+    args.json = args.json or os.path.join(ROOT, "target", "e2e-s3.json" if args.s3 else "e2e.json")
     if args.quick:
         args.big_mib, args.runs = 8, 1
-    for b in BIN.values():
+    for b in (v for k, v in BIN.items() if args.s3 or k != "shmback-s3-server"):
         if not os.path.exists(b):
             sys.exit(f"{b} is missing: run `cargo build --release` first")
     for tool, pkg in (("restic", "restic"), ("/usr/bin/time", "time")):
@@ -195,6 +210,23 @@ def main():
         env.pop(v, None)
 
     base = tempfile.mkdtemp(prefix="shmback-e2e-")
+    server = None
+    if args.s3:
+        s3_root = tempfile.mkdtemp(prefix="shmback-e2e-s3-", dir="/dev/shm")
+        env.update(S3_KEYS)
+        server = subprocess.Popen([BIN["shmback-s3-server"], s3_root, "0"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        endpoint = "http://" + server.stdout.readline().split()[-1]
+        print(f"S3 server {endpoint}, data in {s3_root}", flush=True)
+        # Bucket per pipeline and run; restic creates its own bucket at init, as shmback does with
+        # --create-bucket.
+        pipelines = (("a", pipeline_a),
+                     ("a3", lambda w, c, e: pipeline_a(w, c, e, f"s3:{endpoint}/a3-{os.path.basename(w).lower().replace('_', '-')}")),
+                     ("c3", lambda w, c, e: pipeline_c(w, c, e, f"s3:{endpoint}/c3-{os.path.basename(w).lower().replace('_', '-')}")))
+    else:
+        pipelines = (("a", pipeline_a), ("b", pipeline_b), ("c", pipeline_c))
+    keys = [k for k, _ in pipelines]
+    base_key = "a3" if args.s3 else "a"
     try:
         corpus = os.path.join(base, "corpus")
         doc = args.doc
@@ -208,10 +240,10 @@ def main():
                     shutil.copytree(src, os.path.join(doc, name), symlinks=True)
         files, size = make_corpus(corpus, doc if os.path.isdir(doc) else None, args.big_mib)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB ({args.big_mib} MiB of it in large files); "
-              f"{args.runs} run(s), repositories on /dev/shm", flush=True)
-        results = {"a": [], "b": [], "c": []}
+              f"{args.runs} run(s), repositories on {'the local S3 server' if args.s3 else '/dev/shm'}", flush=True)
+        results = {k: [] for k in keys}
         for r in range(args.runs):
-            for key, fn in (("a", pipeline_a), ("b", pipeline_b), ("c", pipeline_c)):
+            for key, fn in pipelines:
                 work = tempfile.mkdtemp(prefix=f"run{r}-{key}-", dir="/dev/shm")
                 try:
                     results[key].append(fn(work, corpus, env))
@@ -221,26 +253,32 @@ def main():
                 print(f"  run {r + 1} ({key}): first {x['first']:.2f} s, re-run {x['rerun']:.2f} s", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        if server:
+            server.kill()
+            server.wait()
+            shutil.rmtree(s3_root, ignore_errors=True)
 
     med = {k: {p: statistics.median(x[p] for x in v) for p in ("first", "rerun")} for k, v in results.items()}
     names = {"a": "(a) shmback: ring -> rustic_core", "b": "(b) cp to /dev/shm + rustic_core backup",
-             "c": "(c) cp to /dev/shm + restic backup"}
+             "c": "(c) cp to /dev/shm + restic backup", "a3": "(a3) shmback: ring -> rustic_core -> S3",
+             "c3": "(c3) cp to /dev/shm + restic backup -> S3"}
     print()
-    print("| pipeline | first run | MB/s | (a) is × faster | re-run unchanged | (a) re-run is × faster "
+    print(f"| pipeline | first run | MB/s | ({base_key}) is × faster | re-run unchanged | ({base_key}) re-run is × faster "
           "| peak RSS | peak /dev/shm |")
     print("|---|---|---|---|---|---|---|---|")
-    for k in "abc":
+    for k in keys:
         m = med[k]
         # Ratios per run (same run, same machine state), then their median.
-        r1 = statistics.median(x["first"] / a["first"] for x, a in zip(results[k], results["a"]))
-        r2 = statistics.median(x["rerun"] / a["rerun"] for x, a in zip(results[k], results["a"]))
+        r1 = statistics.median(x["first"] / a["first"] for x, a in zip(results[k], results[base_key]))
+        r2 = statistics.median(x["rerun"] / a["rerun"] for x, a in zip(results[k], results[base_key]))
         rss = max(results[k], key=lambda x: x["first"])["rss"]
         rss_s = ", ".join(f"{n} {v / 2**20:.0f} MiB" for n, v in rss.items())
         shm = max(x["shm_peak"] for x in results[k])
         print(f"| {names[k]} | {m['first']:.2f} s | {size / 1e6 / m['first']:.0f} | "
-              f"{'—' if k == 'a' else f'{r1:.2f}×'} | {m['rerun']:.2f} s | {'—' if k == 'a' else f'{r2:.2f}×'} | "
+              f"{'—' if k == base_key else f'{r1:.2f}×'} | {m['rerun']:.2f} s | "
+              f"{'—' if k == base_key else f'{r2:.2f}×'} | "
               f"{rss_s} | {shm / 2**20:.1f} MiB |")
-    for k in "bc":
+    for k in (k for k in keys if k.startswith(("b", "c"))):
         cp = statistics.median(x["first_copy"] for x in results[k])
         print(f"\n{names[k]}: of its first run, the copy into /dev/shm took {cp:.2f} s", end="")
     print()

@@ -14,6 +14,7 @@ pub mod gate;
 pub mod location;
 pub mod node;
 pub mod progress;
+pub mod remote;
 pub mod s3;
 pub mod source;
 

@@ -298,13 +298,14 @@ pub fn credentials(location: &Location, env: impl Fn(&str) -> Option<String>) ->
         Location::Local(_) | Location::S3(_) | Location::Rest { .. } | Location::Rclone { .. } => {}
         Location::Sftp { .. } => {}
         Location::Gcs { .. } => {
-            // restic: GOOGLE_PROJECT_ID plus a service-account JSON file, or an access token.
-            found.push(one_of("gs", &["GOOGLE_PROJECT_ID"], "the Google Cloud project that owns the bucket")?);
+            // A service-account JSON (a path, or the JSON itself), or an access token. restic also
+            // reads GOOGLE_PROJECT_ID, which only creating a bucket needs: optional here.
             found.push(one_of(
                 "gs",
                 &["GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_ACCESS_TOKEN"],
                 "a service-account JSON file path, or an OAuth access token",
             )?);
+            found.extend(get("GOOGLE_PROJECT_ID"));
         }
         Location::Azure { .. } => {
             found.push(one_of("azure", &["AZURE_ACCOUNT_NAME"], "the storage account")?);
@@ -396,10 +397,10 @@ pub fn open_backends(given: &str) -> anyhow::Result<rustic_core::RepositoryBacke
             let be = crate::s3::S3Backend::new(loc, opts)?;
             Ok(rustic_core::RepositoryBackends::new(std::sync::Arc::new(be), None))
         }
-        other => anyhow::bail!(
-            "{other}: this build of shmback stores repositories in local directories and on S3; the \
-             other restic backends are the next step (README, \"Backends\")"
-        ),
+        other => {
+            let be = crate::remote::open(other, &crate::remote::process_env)?;
+            Ok(rustic_core::RepositoryBackends::new(be, None))
+        }
     }
 }
 
@@ -512,12 +513,11 @@ mod tests {
     #[test]
     fn missing_variables_name_themselves() {
         let gs: Location = "gs:b:/p".parse().unwrap();
-        let e = credentials(&gs, env(&[])).unwrap_err();
-        assert!(e.to_string().contains("GOOGLE_PROJECT_ID"), "{e}");
         let e = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p")])).unwrap_err();
         assert!(e.to_string().contains("GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_ACCESS_TOKEN"), "{e}");
         let ok = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p"), ("GOOGLE_APPLICATION_CREDENTIALS", "/sa.json")]));
         assert_eq!(ok.unwrap().len(), 2);
+        assert!(credentials(&gs, env(&[("GOOGLE_ACCESS_TOKEN", "t")])).is_ok());
 
         let az: Location = "azure:c:/p".parse().unwrap();
         let e = credentials(&az, env(&[("AZURE_ACCOUNT_NAME", "acct")])).unwrap_err();

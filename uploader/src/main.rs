@@ -204,7 +204,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,shmback_uploader=info,shmback=info".into()),
+                // OpenDAL's logging layer warns about every failed call, including the expected
+                // "not found" when a repository is created; its retries still show (layers).
+                .unwrap_or_else(|_| "warn,shmback_uploader=info,shmback=info,opendal::services=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -133,11 +133,20 @@ fn repository_locations_are_checked_before_anything_connects() {
     let local = format!("local:{}", plain.display());
     let o = shmback(Path::new(&local), &["snapshots"], &pw);
     assert!(o.status.success(), "{}", text(&o));
-    // A malformed location names the problem and the forms; a backend not in this build says so.
+    // A malformed location names the problem and the forms; a missing credential names itself.
     let o = shmback(Path::new("s3:host"), &["snapshots"], &pw);
     assert!(!o.status.success());
     assert!(text(&o).contains("no bucket") && text(&o).contains("Forms:"), "{}", text(&o));
     let o = shmback(Path::new("gs:bucket:/p"), &["snapshots"], &pw);
     assert!(!o.status.success());
-    assert!(text(&o).contains("local directories and on S3"), "{}", text(&o));
+    assert!(text(&o).contains("GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_ACCESS_TOKEN"), "{}", text(&o));
+    let o = shmback(Path::new("sftp:me@host:repo"), &["snapshots"], &pw);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("sftp:me@host:/home/<user>/repo"), "{}", text(&o));
+    // An unreachable REST server is named at once (rustic's client alone retries for half a minute).
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let o = shmback(Path::new(&format!("rest:http://u:secret@{free}/repo")), &["snapshots"], &pw);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot connect") && text(&o).contains("u:***@"), "{}", text(&o));
+    assert!(!text(&o).contains("secret"), "{}", text(&o));
 }
