@@ -561,6 +561,7 @@ impl SwiftBackend {
     fn backend(&self) -> RusticResult<Arc<OpenDALBackend>> {
         let (backend, renew_at) = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
         if renew_at.is_some_and(|t| Instant::now() >= t) {
+            tracing::info!("Swift token renewed (the previous one expires within 5 minutes)");
             return self.renew().map_err(|e| {
                 rustic_core::RusticError::new(rustic_core::ErrorKind::Backend, "renewing the Swift token failed: {why}")
                     .attach_context("why", format!("{e:#}"))
