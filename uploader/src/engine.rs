@@ -34,8 +34,12 @@ pub fn open_repo(location: &str, password: &str, init: bool) -> anyhow::Result<R
     let backends = RepositoryBackends::new(gated, None);
     let repo = Repository::new(&RepositoryOptions::default(), &backends)?;
     let creds = Credentials::password(password);
-    let repo =
-        if init { repo.init(&creds, &KeyOptions::default(), &ConfigOptions::default())? } else { repo.open(&creds)? };
+    let repo = if init {
+        repo.init(&creds, &KeyOptions::default(), &ConfigOptions::default())?
+    } else {
+        repo.open(&creds)
+            .with_context(|| format!("opening repository {location} (wrong password, or not a repository?)"))?
+    };
     Ok(Repo { repo: Some(repo.to_indexed_ids()?), gate })
 }
 

@@ -40,6 +40,11 @@ fn password_sources_and_their_errors() {
     let o = shmback(&repo, &["snapshots"], &[("RESTIC_PASSWORD", "nope")]);
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong password"), "{}", text(&o));
+    // The daemon says the same before it serves anything.
+    let seg = dir.path().join("never-created-segment");
+    let o = shmback(&repo, &["run", "--segment", seg.to_str().unwrap()], &[("RESTIC_PASSWORD", "nope")]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("wrong password"), "{}", text(&o));
     // No password at all; two sources that exclude each other; a failing command.
     let o = shmback(&repo, &["snapshots"], &[]);
     assert!(!o.status.success());
