@@ -25,6 +25,7 @@ the repositories instead, and the pipelines are:
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -218,11 +219,12 @@ def main():
                                   stderr=subprocess.DEVNULL, text=True)
         endpoint = "http://" + server.stdout.readline().split()[-1]
         print(f"S3 server {endpoint}, data in {s3_root}", flush=True)
+        bucket_seq = itertools.count()
         # Bucket per pipeline and run; restic creates its own bucket at init, as shmback does with
         # --create-bucket.
         pipelines = (("a", pipeline_a),
-                     ("a3", lambda w, c, e: pipeline_a(w, c, e, f"s3:{endpoint}/a3-{os.path.basename(w).lower().replace('_', '-')}")),
-                     ("c3", lambda w, c, e: pipeline_c(w, c, e, f"s3:{endpoint}/c3-{os.path.basename(w).lower().replace('_', '-')}")))
+                     ("a3", lambda w, c, e: pipeline_a(w, c, e, f"s3:{endpoint}/a3-{next(bucket_seq)}")),
+                     ("c3", lambda w, c, e: pipeline_c(w, c, e, f"s3:{endpoint}/c3-{next(bucket_seq)}")))
     else:
         pipelines = (("a", pipeline_a), ("b", pipeline_b), ("c", pipeline_c))
     keys = [k for k, _ in pipelines]
