@@ -532,43 +532,43 @@ const RENEW_UNKNOWN: Duration = Duration::from_secs(50 * 60);
 impl SwiftBackend {
     fn new(container: &str, prefix: &str, env: Env<'_>) -> anyhow::Result<Self> {
         let auth = SwiftAuth::from_env(env)?;
-        let this = Self {
-            auth,
-            container: container.to_string(),
-            prefix: prefix.to_string(),
-            current: RwLock::new((
-                Arc::new(opendal_swift(container, prefix, "http://unused", "")?),
-                Some(Instant::now()),
-            )),
-        };
-        this.renew()?;
-        Ok(this)
+        let current = RwLock::new(session(&auth, container, prefix)?);
+        Ok(Self { auth, container: container.to_string(), prefix: prefix.to_string(), current })
     }
 
-    fn renew(&self) -> anyhow::Result<Arc<OpenDALBackend>> {
-        let s = self.auth.login()?;
-        let backend = Arc::new(opendal_swift(&self.container, &self.prefix, &s.storage_url, &s.token)?);
-        let renew_at = match (&self.auth, s.valid_for) {
-            (SwiftAuth::Static { .. }, _) => None,
-            (_, Some(d)) => Some(Instant::now() + d.saturating_sub(RENEW_MARGIN).min(RENEW_UNKNOWN * 24)),
-            (_, None) => Some(Instant::now() + RENEW_UNKNOWN),
-        };
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (backend.clone(), renew_at);
-        tracing::debug!(storage_url = %s.storage_url, "Swift token obtained");
-        Ok(backend)
-    }
-
+    /// The current OpenDAL backend, after a new login if the token is due for renewal (one
+    /// thread logs in; the others wait for its token).
     fn backend(&self) -> RusticResult<Arc<OpenDALBackend>> {
-        let (backend, renew_at) = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if renew_at.is_some_and(|t| Instant::now() >= t) {
-            tracing::info!("Swift token renewed (the previous one expires within 5 minutes)");
-            return self.renew().map_err(|e| {
+        let due = |renew_at: Option<Instant>| renew_at.is_some_and(|t| Instant::now() >= t);
+        {
+            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if !due(current.1) {
+                return Ok(current.0.clone());
+            }
+        }
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if due(current.1) {
+            *current = session(&self.auth, &self.container, &self.prefix).map_err(|e| {
                 rustic_core::RusticError::new(rustic_core::ErrorKind::Backend, "renewing the Swift token failed: {why}")
                     .attach_context("why", format!("{e:#}"))
-            });
+            })?;
+            tracing::info!("Swift token renewed (the previous one expires within 5 minutes)");
         }
-        Ok(backend)
+        Ok(current.0.clone())
     }
+}
+
+/// Logs in and builds the OpenDAL backend for the session; `Some(when)` to renew.
+fn session(auth: &SwiftAuth, container: &str, prefix: &str) -> anyhow::Result<(Arc<OpenDALBackend>, Option<Instant>)> {
+    let s = auth.login()?;
+    let backend = Arc::new(opendal_swift(container, prefix, &s.storage_url, &s.token)?);
+    let renew_at = match (auth, s.valid_for) {
+        (SwiftAuth::Static { .. }, _) => None,
+        (_, Some(d)) => Some(Instant::now() + d.saturating_sub(RENEW_MARGIN).min(RENEW_UNKNOWN * 24)),
+        (_, None) => Some(Instant::now() + RENEW_UNKNOWN),
+    };
+    tracing::debug!(storage_url = %s.storage_url, "Swift token obtained");
+    Ok((backend, renew_at))
 }
 
 fn opendal_swift(container: &str, prefix: &str, storage_url: &str, token: &str) -> anyhow::Result<OpenDALBackend> {
