@@ -14,7 +14,7 @@ use shmback_proto::frame::FrameKind;
 use shmback_proto::{Begin, Entry, EntryKind, Frame, Labels, RejectCode, Segment, SegmentOptions};
 use shmback_uploader::commands::{check, snapshots};
 use shmback_uploader::{ServeOptions, open_repo, serve};
-use shmback_writer::{Outbox, OutboxOptions, WriteError};
+use shmback_writer::{EntryMeta, Outbox, OutboxOptions, WriteError};
 
 const PW: &str = "pw";
 const T: Duration = Duration::from_secs(60);
@@ -197,15 +197,23 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     };
     let mut child = run();
     let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() }).unwrap();
+    // The first batch streams big.bin and stalls after 8 MiB (twice the ring: the uploader is
+    // inside the file) until the uploader has been SIGKILLed: mid-batch by construction, not by
+    // timing.
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel();
     let killer = {
         let pid = child.id() as i32;
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
+            reached_rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+            resume_tx.send(()).unwrap();
         })
     };
+    let stalling = Stalling { data: &big, sent: 0, stall_at: 8 << 20, reached: Some(reached_tx), resume: resume_rx };
     let mut b = ob.batch();
-    b.add_dir("data", src.path()).unwrap();
+    b.add_reader("data/big.bin", Some(big.len() as u64), EntryMeta::default(), stalling).unwrap();
     let first = b.commit().and_then(|t| t.wait_durable(T));
     killer.join().unwrap();
     child.wait().unwrap();
@@ -222,4 +230,29 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     let dest = tempfile::tempdir().unwrap();
     shmback_uploader::commands::restore(&loc, PW, "latest", dest.path()).unwrap();
     assert!(std::fs::read(dest.path().join("data/big.bin")).unwrap() == big, "restored bytes differ");
+}
+
+/// Reads `data`, stopping once at `stall_at`: says so on `reached`, then waits for `resume`.
+struct Stalling<'a> {
+    data: &'a [u8],
+    sent: usize,
+    stall_at: usize,
+    reached: Option<std::sync::mpsc::Sender<()>>,
+    resume: std::sync::mpsc::Receiver<()>,
+}
+
+impl std::io::Read for Stalling<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.sent >= self.stall_at
+            && let Some(reached) = self.reached.take()
+        {
+            reached.send(()).unwrap();
+            self.resume.recv().unwrap();
+        }
+        let end = if self.reached.is_some() { self.stall_at } else { self.data.len() };
+        let n = buf.len().min(end - self.sent);
+        buf[..n].copy_from_slice(&self.data[self.sent..self.sent + n]);
+        self.sent += n;
+        Ok(n)
+    }
 }
