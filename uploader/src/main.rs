@@ -22,7 +22,9 @@ use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve_al
 #[derive(Parser)]
 #[command(name = "shmback", version, after_help = TOP_EXAMPLES)]
 struct Cli {
-    /// Repository: a directory, `local:PATH` or `s3:[http(s)://]host[:port]/bucket[/prefix]`.
+    /// Repository: a directory, `local:PATH`, `s3:[http(s)://]host[:port]/bucket[/prefix]`,
+    /// `gs:bucket:/prefix`, `azure:container:/prefix`, `swift:container:/prefix`, `b2:bucket:prefix`,
+    /// `sftp:user@host:/path`, `rest:http://host:port/path` or `rclone:remote:path` (README, "Backends").
     #[arg(short, long, global = true, env = "RESTIC_REPOSITORY")]
     repo: Option<String>,
     /// Repository password.
