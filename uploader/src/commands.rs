@@ -20,8 +20,9 @@ pub fn open_plain(location: &str, password: &str) -> anyhow::Result<Repository<O
     } else {
         Repository::new(&opts, &backends)?
     };
-    repo.open(&Credentials::password(password))
-        .with_context(|| format!("opening repository {location} (wrong password, or not a repository?)"))
+    repo.open(&Credentials::password(password)).with_context(|| {
+        format!("opening repository {} (wrong password, or not a repository?)", crate::location::shown(location))
+    })
 }
 
 /// All snapshots, oldest first.

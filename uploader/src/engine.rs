@@ -37,8 +37,9 @@ pub fn open_repo(location: &str, password: &str, init: bool) -> anyhow::Result<R
     let repo = if init {
         repo.init(&creds, &KeyOptions::default(), &ConfigOptions::default())?
     } else {
-        repo.open(&creds)
-            .with_context(|| format!("opening repository {location} (wrong password, or not a repository?)"))?
+        repo.open(&creds).with_context(|| {
+            format!("opening repository {} (wrong password, or not a repository?)", crate::location::shown(location))
+        })?
     };
     Ok(Repo { repo: Some(repo.to_indexed_ids()?), gate })
 }

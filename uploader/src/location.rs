@@ -263,7 +263,8 @@ impl fmt::Display for Location {
                     None => write!(f, "sftp:{user}{host}:{path}"),
                 }
             }
-            Location::Rest { url } => write!(f, "rest:{url}"),
+            // Shown in messages and logs: a password in the URL is masked.
+            Location::Rest { url } => write!(f, "rest:{}", crate::remote::redact(url)),
             Location::Rclone { remote } => write!(f, "rclone:{remote}"),
         }
     }
@@ -381,6 +382,14 @@ static S3_OPTIONS: std::sync::OnceLock<crate::s3::S3Options> = std::sync::OnceLo
 /// once, at start-up). Without it the defaults apply.
 pub fn set_s3_options(opts: crate::s3::S3Options) {
     let _ = S3_OPTIONS.set(opts);
+}
+
+/// `given` as it may be shown in messages and logs (a REST URL's password masked).
+pub fn shown(given: &str) -> String {
+    match given.parse::<Location>() {
+        Ok(loc) => loc.to_string(),
+        Err(_) => given.to_string(),
+    }
 }
 
 /// Parses `given` and builds the backends for it, checking the environment first.
@@ -555,6 +564,12 @@ mod tests {
         assert_eq!(credentials(&sw, env(&v2)).unwrap().len(), 4);
         let e = credentials(&sw, env(&[("OS_AUTH_URL", "https://k/v3"), ("OS_USERNAME", "u")])).unwrap_err();
         assert!(e.to_string().contains("OS_PASSWORD"), "{e}");
+    }
+
+    #[test]
+    fn rest_passwords_are_not_shown() {
+        assert_eq!(shown("rest:https://u:secret@h:8000/r"), "rest:https://u:***@h:8000/r");
+        assert_eq!(shown("/srv/repo"), "local:/srv/repo");
     }
 
     #[test]

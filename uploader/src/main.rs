@@ -264,7 +264,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Init { .. } => {
             let (repo, pw) = repo_and_password()?;
             open_repo(&repo, &pw, true)?;
-            println!("created repository {repo}");
+            println!("created repository {}", shmback_uploader::location::shown(&repo));
         }
         Cmd::Run { segment, grace, host, ring_size, group_shared } => {
             let (repo, pw) = repo_and_password()?;
