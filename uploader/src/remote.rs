@@ -147,7 +147,7 @@ pub fn redact(url: &str) -> String {
 }
 
 /// The OpenDAL service and options for GCS, Azure, B2 and SFTP locations (values may be secrets:
-/// never log the map).
+/// never log the map). For B2 this asks B2's API for the bucket id (network).
 pub fn opendal_options(location: &Location, env: Env<'_>) -> anyhow::Result<(&'static str, BTreeMap<String, String>)> {
     let mut o = BTreeMap::new();
     let mut set = |k: &str, v: String| {
@@ -357,8 +357,7 @@ impl SwiftAuth {
             return Ok(SwiftAuth::V2 { url, body: serde_json::json!({ "auth": auth }), region, interface });
         }
         let url = if url.ends_with("/v3") { format!("{url}/auth/tokens") } else { format!("{url}/v3/auth/tokens") };
-        let identity = if let (Some(id), Some(secret)) =
-            (env("OS_APPLICATION_CREDENTIAL_ID"), env("OS_APPLICATION_CREDENTIAL_SECRET"))
+        if let (Some(id), Some(secret)) = (env("OS_APPLICATION_CREDENTIAL_ID"), env("OS_APPLICATION_CREDENTIAL_SECRET"))
         {
             // Application credentials carry their own scope.
             let body = serde_json::json!({ "auth": { "identity": {
@@ -366,16 +365,15 @@ impl SwiftAuth {
                 "application_credential": { "id": id, "secret": secret },
             }}});
             return Ok(SwiftAuth::V3 { url, body, region, interface });
+        }
+        let mut user = serde_json::json!({ "password": env("OS_PASSWORD").context("OS_PASSWORD is not set")? });
+        if let Some(id) = env("OS_USER_ID") {
+            user["id"] = id.into();
         } else {
-            let mut user = serde_json::json!({ "password": env("OS_PASSWORD").context("OS_PASSWORD is not set")? });
-            if let Some(id) = env("OS_USER_ID") {
-                user["id"] = id.into();
-            } else {
-                user["name"] = env("OS_USERNAME").context("OS_USERNAME or OS_USER_ID is not set")?.into();
-                user["domain"] = domain(env("OS_USER_DOMAIN_ID"), env("OS_USER_DOMAIN_NAME"));
-            }
-            serde_json::json!({ "methods": ["password"], "password": { "user": user } })
-        };
+            user["name"] = env("OS_USERNAME").context("OS_USERNAME or OS_USER_ID is not set")?.into();
+            user["domain"] = domain(env("OS_USER_DOMAIN_ID"), env("OS_USER_DOMAIN_NAME"));
+        }
+        let identity = serde_json::json!({ "methods": ["password"], "password": { "user": user } });
         let mut auth = serde_json::json!({ "identity": identity });
         if let Some(id) = env("OS_PROJECT_ID").or_else(|| env("OS_TENANT_ID")) {
             auth["scope"] = serde_json::json!({ "project": { "id": id } });
