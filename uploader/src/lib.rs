@@ -3,8 +3,8 @@
 //! The uploader drains /dev/shm rings straight into rustic_core: each committed batch becomes
 //! exactly one restic-format snapshot, and the producer's ticket resolves only once that snapshot
 //! is stored. The engine (batch source, snapshot gate, serve loop over one or several segments),
-//! the repository commands, the demo, repository locations and the S3 backend are here; the other
-//! restic backends come with their issue.
+//! the repository commands, the demo, repository locations, the S3 backend (`s3`) and the other
+//! restic backends (`remote`) are here.
 //! Design: `docs/decisions/0002-uploader-engine-plan.md`.
 
 pub mod commands;

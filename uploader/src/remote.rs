@@ -36,18 +36,16 @@ pub fn process_env(key: &str) -> Option<String> {
 pub fn open(location: &Location, env: Env<'_>) -> anyhow::Result<Arc<dyn WriteBackend>> {
     // Names the first missing variable before anything connects.
     credentials(location, env)?;
-    let get = |k: &str| env(k).filter(|v| !v.is_empty());
     let backend: Arc<dyn WriteBackend> = match location {
         Location::Rest { url } => {
             let url = rest_url(url, env)?;
-            rest_preflight(&url, env)?;
-            Arc::new(
-                RestBackend::new(&url, rest_options(env)).with_context(|| format!("REST server {}", redact(&url)))?,
-            )
+            let options = rest_options(env);
+            rest_preflight(&url, &options)?;
+            Arc::new(RestBackend::new(&url, options).with_context(|| format!("REST server {}", redact(&url)))?)
         }
         Location::Rclone { remote } => {
             let mut options = BTreeMap::new();
-            if let Some(cmd) = get("SHMBACK_RCLONE_COMMAND") {
+            if let Some(cmd) = env("SHMBACK_RCLONE_COMMAND") {
                 options.insert("rclone-command".to_string(), cmd);
             }
             Arc::new(RcloneBackend::new(remote, options).with_context(|| {
@@ -85,19 +83,19 @@ pub fn rest_url(url: &str, env: Env<'_>) -> anyhow::Result<String> {
     Ok(parsed.to_string())
 }
 
-/// One `HEAD config` before the REST backend is used: rustic's client reads a refused `HEAD` as
+/// One `HEAD config` before the REST backend is used (with the TLS `options` it gets): rustic's client reads a refused `HEAD` as
 /// "no repository here" and retries an unreachable server for half a minute; this names the cause.
-fn rest_preflight(url: &str, env: Env<'_>) -> anyhow::Result<()> {
+fn rest_preflight(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<()> {
     let mut client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
-    if let Some(path) = env("RESTIC_CACERT") {
-        let pem = std::fs::read(&path).with_context(|| format!("RESTIC_CACERT: cannot read {path}"))?;
+    if let Some(path) = options.get("cacert") {
+        let pem = std::fs::read(path).with_context(|| format!("RESTIC_CACERT: cannot read {path}"))?;
         client = client.add_root_certificate(
             reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("RESTIC_CACERT: {path} is not a PEM certificate"))?,
         );
     }
-    if let Some(path) = env("RESTIC_TLS_CLIENT_CERT") {
-        let pem = std::fs::read(&path).with_context(|| format!("RESTIC_TLS_CLIENT_CERT: cannot read {path}"))?;
+    if let Some(path) = options.get("tls-client-cert") {
+        let pem = std::fs::read(path).with_context(|| format!("RESTIC_TLS_CLIENT_CERT: cannot read {path}"))?;
         client = client.identity(
             reqwest::Identity::from_pem(&pem)
                 .with_context(|| format!("RESTIC_TLS_CLIENT_CERT: {path} is not a PEM key and certificate"))?,
@@ -205,14 +203,13 @@ pub fn opendal_options(location: &Location, env: Env<'_>) -> anyhow::Result<(&'s
             "b2"
         }
         Location::Sftp { user, host, port, path } => {
+            let user_part = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
             if !path.starts_with('/') {
                 bail!(
-                    "{location}: the SFTP path `{path}` is relative; give it from the root (e.g. sftp:{}{host}:/home/<user>/{path}) — \
-                     shmback's SFTP client does not resolve paths against the login's home as restic's does",
-                    user.as_ref().map(|u| format!("{u}@")).unwrap_or_default()
+                    "{location}: the SFTP path `{path}` is relative; give it from the root (e.g. sftp:{user_part}{host}:/home/<user>/{path}) — \
+                     shmback's SFTP client does not resolve paths against the login's home as restic's does"
                 );
             }
-            let user_part = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
             set("endpoint", format!("ssh://{user_part}{host}:{}", port.unwrap_or(22)));
             set("root", path.clone());
             if let Some(u) = user {
@@ -234,6 +231,11 @@ pub fn opendal_options(location: &Location, env: Env<'_>) -> anyhow::Result<(&'s
 }
 
 const B2_API: &str = "https://api.backblazeb2.com";
+
+/// The HTTP client of the logins shmback does itself (B2's bucket look-up, Swift/Keystone).
+fn login_client() -> reqwest::Result<reqwest::blocking::Client> {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -267,7 +269,7 @@ struct B2Bucket {
 
 /// The id of the B2 bucket named `bucket` (OpenDAL's B2 service needs it; restic users give names).
 pub fn b2_bucket_id(api: &str, key_id: &str, key: &str, bucket: &str) -> anyhow::Result<String> {
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let client = login_client()?;
     let resp = client
         .get(format!("{api}/b2api/v2/b2_authorize_account"))
         .basic_auth(key_id, Some(key))
@@ -386,13 +388,12 @@ impl SwiftAuth {
 
     /// Authenticates (no network for [`SwiftAuth::Static`]).
     pub fn login(&self) -> anyhow::Result<SwiftSession> {
-        let client = || reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build();
         match self {
             SwiftAuth::Static { storage_url, token } => {
                 Ok(SwiftSession { storage_url: storage_url.clone(), token: token.clone(), valid_for: None })
             }
             SwiftAuth::V1 { url, user, key } => {
-                let resp = client()?
+                let resp = login_client()?
                     .get(url)
                     .header("X-Auth-User", user)
                     .header("X-Auth-Key", key)
@@ -407,7 +408,7 @@ impl SwiftAuth {
                 })
             }
             SwiftAuth::V2 { url, body, region, interface } => {
-                let resp = client()?
+                let resp = login_client()?
                     .post(url)
                     .json(body)
                     .send()
@@ -417,7 +418,7 @@ impl SwiftAuth {
                 keystone_v2_session(&answer, region.as_deref(), interface)
             }
             SwiftAuth::V3 { url, body, region, interface } => {
-                let resp = client()?
+                let resp = login_client()?
                     .post(url)
                     .json(body)
                     .send()
