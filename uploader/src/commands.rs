@@ -5,36 +5,28 @@ use std::path::Path;
 use anyhow::Context;
 use rustic_core::repofile::SnapshotFile;
 use rustic_core::{
-    CheckOptions, Credentials, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus,
-    PruneOptions, Repository, RepositoryOptions, RestoreOptions, SnapshotGroupCriterion,
+    CheckOptions, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus, PruneOptions,
+    Repository, RestoreOptions, SnapshotGroupCriterion,
 };
 
-use crate::progress::{TerminalBars, interactive};
+use crate::config::RepositoryConfig;
+use crate::repository::{self, Purpose};
 
-/// Opens the repository at `location` without the snapshot gate (for commands that read).
-pub fn open_plain(location: &str, password: &str) -> anyhow::Result<Repository<OpenStatus>> {
-    let backends = crate::location::open_backends(location)?;
-    let opts = RepositoryOptions::default();
-    let repo = if interactive() {
-        Repository::new_with_progress(&opts, &backends, TerminalBars)?
-    } else {
-        Repository::new(&opts, &backends)?
-    };
-    repo.open(&Credentials::password(password)).with_context(|| {
-        format!("opening repository {} (wrong password, or not a repository?)", crate::location::shown(location))
-    })
+/// Opens the repository for a command (no snapshot gate; progress bars on a terminal).
+pub fn open_plain(config: &RepositoryConfig) -> anyhow::Result<Repository<OpenStatus>> {
+    repository::open(config, Purpose::Command, |b| b)
 }
 
 /// All snapshots, oldest first.
-pub fn snapshots(location: &str, password: &str) -> anyhow::Result<Vec<SnapshotFile>> {
-    let mut s = open_plain(location, password)?.get_all_snapshots()?;
+pub fn snapshots(config: &RepositoryConfig) -> anyhow::Result<Vec<SnapshotFile>> {
+    let mut s = open_plain(config)?.get_all_snapshots()?;
     s.sort_by(|a, b| a.time.cmp(&b.time));
     Ok(s)
 }
 
 /// Restores `spec` (`SNAPSHOT[:PATH]`, `latest` allowed) into `dest`.
-pub fn restore(location: &str, password: &str, spec: &str, dest: &Path) -> anyhow::Result<()> {
-    let repo = open_plain(location, password)?.to_indexed()?;
+pub fn restore(config: &RepositoryConfig, spec: &str, dest: &Path) -> anyhow::Result<()> {
+    let repo = open_plain(config)?.to_indexed()?;
     let node = repo.node_from_snapshot_path(spec, |_| true).with_context(|| format!("finding {spec}"))?;
     let ls = repo.ls(&node, &LsOptions::default())?;
     let dest_str = dest.to_str().context("restore destination is not UTF-8")?;
@@ -46,8 +38,8 @@ pub fn restore(location: &str, password: &str, spec: &str, dest: &Path) -> anyho
 }
 
 /// Checks the repository's structure (and, with `read_data`, every pack's content).
-pub fn check(location: &str, password: &str, read_data: bool) -> anyhow::Result<()> {
-    let repo = open_plain(location, password)?;
+pub fn check(config: &RepositoryConfig, read_data: bool) -> anyhow::Result<()> {
+    let repo = open_plain(config)?;
     let results = repo.check(CheckOptions::default().read_data(read_data))?;
     results.is_ok().context("repository check found errors (see above)")?;
     Ok(())
@@ -93,14 +85,13 @@ pub struct ForgetReport {
 /// `host,paths` by default) and removes the snapshots it does not keep; with `prune`, then
 /// removes data no snapshot references any more. Nothing is removed with `dry_run`.
 pub fn forget(
-    location: &str,
-    password: &str,
+    config: &RepositoryConfig,
     keep: &KeepOptions,
     group_by: SnapshotGroupCriterion,
     prune: Option<&PruneOptions>,
     dry_run: bool,
 ) -> anyhow::Result<ForgetReport> {
-    let repo = open_plain(location, password)?;
+    let repo = open_plain(config)?;
     let snaps = repo.get_all_snapshots()?;
     let now = rustic_core::jiff::Zoned::now();
     let groups = ForgetGroups::from_grouped_snapshots_with_retention(Grouped::from_items(snaps, group_by), keep, &now)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::commands::restore;
+use crate::config::RepositoryConfig;
 use crate::engine::{BatchOutcome, ServeOptions, open_repo, serve};
 
 /// A password from the kernel's random source, hex-encoded.
@@ -42,7 +43,8 @@ pub fn demo(dir: &Path, work: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(work)?;
     let password = generated_password()?;
     let location = repo_dir.to_str().context("non-UTF-8 work directory")?.to_string();
-    open_repo(&location, &password, true)?;
+    let config = RepositoryConfig::new(&location, &password)?;
+    open_repo(&config, true)?;
     let pw_file = work.join("password");
     std::fs::write(&pw_file, format!("{password}\n"))?;
     std::fs::set_permissions(&pw_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -59,9 +61,9 @@ pub fn demo(dir: &Path, work: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let server = {
-        let (stop, segment, location, password) = (stop.clone(), segment.clone(), location.clone(), password.clone());
+        let (stop, segment, config) = (stop.clone(), segment.clone(), config.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut repo = open_repo(&location, &password, false)?;
+            let mut repo = open_repo(&config, false)?;
             serve(&mut repo, &segment, &ServeOptions::default(), &stop, |o| {
                 let msg = match o {
                     BatchOutcome::Stored { .. } => summary(o).ok_or_else(|| "stored, without a summary".to_string()),
@@ -104,7 +106,7 @@ pub fn demo(dir: &Path, work: &Path) -> anyhow::Result<()> {
         peak as f64 / 1048576.0
     );
 
-    restore(&location, &password, "latest", &restore_dir)?;
+    restore(&config, "latest", &restore_dir)?;
     let rel = dir.strip_prefix("/").unwrap_or(&dir);
     let (files, bytes) = compare_trees(&dir, &restore_dir.join(rel))?;
     println!("restored    {} and verified {files} files, {bytes} bytes: identical", restore_dir.display());

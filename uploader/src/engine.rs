@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use rustic_core::repofile::SnapshotFile;
-use rustic_core::{
-    BackupOptions, ConfigOptions, Credentials, IndexedIdsStatus, KeyOptions, Repository, RepositoryBackends,
-    RepositoryOptions, SnapshotOptions,
-};
+use rustic_core::{BackupOptions, IndexedIdsStatus, Repository, SnapshotOptions};
 use shmback_proto::batch::Event;
 use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, RejectCode, RingConfig, RingError, Segment, SegmentOptions};
 use tracing::{error, info, warn};
 
+use crate::config::RepositoryConfig;
 use crate::gate::{Gate, GatedBackend};
+use crate::repository::{self, Purpose};
 use crate::source::{BatchEnd, BatchSource, Pump, Shared, Shutdown};
 
 /// A repository opened for backups, with the snapshot gate in front of its backend.
@@ -26,21 +25,12 @@ pub struct Repo {
     gate: Gate,
 }
 
-/// Opens (or, with `init`, creates) the repository at `location` (a path or `local:PATH`).
-pub fn open_repo(location: &str, password: &str, init: bool) -> anyhow::Result<Repo> {
-    let backends = crate::location::open_backends(location)?;
+/// Opens (or, with `init`, creates) the repository `config` names, with the snapshot gate in
+/// front of its backend.
+pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> {
     let gate = Gate::default();
-    let gated = Arc::new(GatedBackend::new(backends.repository(), gate.clone()));
-    let backends = RepositoryBackends::new(gated, None);
-    let repo = Repository::new(&RepositoryOptions::default(), &backends)?;
-    let creds = Credentials::password(password);
-    let repo = if init {
-        repo.init(&creds, &KeyOptions::default(), &ConfigOptions::default())?
-    } else {
-        repo.open(&creds).with_context(|| {
-            format!("opening repository {} (wrong password, or not a repository?)", crate::location::shown(location))
-        })?
-    };
+    let purpose = if init { Purpose::Create } else { Purpose::Serve };
+    let repo = repository::open(config, purpose, |be| Arc::new(GatedBackend::new(be, gate.clone())))?;
     Ok(Repo { repo: Some(repo.to_indexed_ids()?), gate })
 }
 
@@ -121,8 +111,7 @@ pub fn attach(path: &Path, opts: &ServeOptions) -> anyhow::Result<Consumer<Segme
 /// bad path fails at start-up). If one segment's loop fails, `stop` is set and the others wind
 /// down (within the grace period); the first error is returned.
 pub fn serve_all(
-    location: &str,
-    password: &str,
+    config: &RepositoryConfig,
     paths: &[PathBuf],
     opts: &ServeOptions,
     stop: &Arc<AtomicBool>,
@@ -145,7 +134,7 @@ pub fn serve_all(
                 std::thread::Builder::new()
                     .name(format!("serve:{}", path.file_name().map_or("".into(), |n| n.to_string_lossy())))
                     .spawn_scoped(scope, move || {
-                        let result = open_repo(location, password, false).and_then(|mut repo| {
+                        let result = open_repo(config, false).and_then(|mut repo| {
                             info!(segment = %path.display(), "serving");
                             serve_attached(&mut repo, consumer, opts, stop, |o| on_batch(path, o))
                         });

@@ -8,6 +8,7 @@
 //! Design: `docs/decisions/0002-uploader-engine-plan.md`.
 
 pub mod commands;
+pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod gate;
@@ -15,7 +16,9 @@ pub mod location;
 pub mod node;
 pub mod progress;
 pub mod remote;
+pub mod repository;
 pub mod s3;
 pub mod source;
 
+pub use config::{Password, RepositoryConfig};
 pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};

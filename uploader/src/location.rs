@@ -376,14 +376,6 @@ fn swift_credentials(get: &impl Fn(&'static str) -> Option<(&'static str, String
     Ok(found)
 }
 
-static S3_OPTIONS: std::sync::OnceLock<crate::s3::S3Options> = std::sync::OnceLock::new();
-
-/// Sets the S3 options every later [`open_backends`] uses (the command line's `--s3-*` flags; set
-/// once, at start-up). Without it the defaults apply.
-pub fn set_s3_options(opts: crate::s3::S3Options) {
-    let _ = S3_OPTIONS.set(opts);
-}
-
 /// `given` as it may be shown in messages and logs (a REST URL's password masked).
 pub fn shown(given: &str) -> String {
     match given.parse::<Location>() {
@@ -392,18 +384,19 @@ pub fn shown(given: &str) -> String {
     }
 }
 
-/// Parses `given` and builds the backends for it, checking the environment first.
-pub fn open_backends(given: &str) -> anyhow::Result<rustic_core::RepositoryBackends> {
-    let location: Location = given.parse()?;
-    match &location {
+/// Builds the backends for `location`, checking the environment first.
+pub fn open_backends(
+    location: &Location,
+    s3: &crate::s3::S3Options,
+) -> anyhow::Result<rustic_core::RepositoryBackends> {
+    match location {
         Location::Local(path) => {
             let path =
                 path.to_str().ok_or_else(|| anyhow::anyhow!("the repository path {} is not UTF-8", path.display()))?;
             Ok(rustic_backend::BackendOptions::default().repository(format!("local:{path}")).to_backends()?)
         }
         Location::S3(loc) => {
-            let opts = S3_OPTIONS.get().cloned().unwrap_or_default();
-            let be = crate::s3::S3Backend::new(loc, opts)?;
+            let be = crate::s3::S3Backend::new(loc, s3.clone())?;
             Ok(rustic_core::RepositoryBackends::new(std::sync::Arc::new(be), None))
         }
         other => {

@@ -10,9 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
-use shmback_uploader::location::set_s3_options;
 use shmback_uploader::s3::{Provider, S3Error, S3Options};
-use shmback_uploader::{BatchOutcome, ServeOptions, commands, open_repo, serve_all};
+use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
 ///
@@ -172,6 +171,33 @@ enum Cmd {
     },
 }
 
+/// The S3 settings the `--s3-*` flags (or their variables) give.
+fn s3_options(cli: &Cli) -> S3Options {
+    S3Options {
+        provider: cli.s3_provider,
+        region: cli.s3_region.clone(),
+        path_style: if cli.s3_path_style {
+            Some(true)
+        } else if cli.s3_virtual_host {
+            Some(false)
+        } else {
+            None
+        },
+        storage_class: cli.s3_storage_class.clone(),
+        inflight: cli.s3_inflight,
+        max_attempts: cli.s3_attempts.max(1),
+        multipart_threshold: cli.s3_multipart_mib.max(1) << 20,
+        create_bucket: matches!(cli.cmd, Cmd::Init { create_bucket: true }),
+        ..S3Options::default()
+    }
+}
+
+/// The repository every command but the demo works on: parsed here, once.
+fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
+    let given = cli.repo.as_deref().context("no repository: set RESTIC_REPOSITORY or --repo")?;
+    Ok(RepositoryConfig { location: given.parse()?, password: Password::new(password(cli)?), s3: s3_options(cli) })
+}
+
 fn password(cli: &Cli) -> anyhow::Result<String> {
     if let Some(p) = &cli.password {
         return Ok(p.clone());
@@ -213,23 +239,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    set_s3_options(S3Options {
-        provider: cli.s3_provider,
-        region: cli.s3_region.clone(),
-        path_style: if cli.s3_path_style {
-            Some(true)
-        } else if cli.s3_virtual_host {
-            Some(false)
-        } else {
-            None
-        },
-        storage_class: cli.s3_storage_class.clone(),
-        inflight: cli.s3_inflight,
-        max_attempts: cli.s3_attempts.max(1),
-        multipart_threshold: cli.s3_multipart_mib.max(1) << 20,
-        create_bucket: matches!(cli.cmd, Cmd::Init { create_bucket: true }),
-        ..S3Options::default()
-    });
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -245,11 +254,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    // Every command but the demo needs a repository and its password.
-    let repo_and_password = || -> anyhow::Result<(String, String)> {
-        let repo = cli.repo.clone().context("no repository: set RESTIC_REPOSITORY or --repo")?;
-        Ok((repo, password(cli)?))
-    };
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
             let dir = dir.clone().unwrap_or_else(|| {
@@ -262,12 +266,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             shmback_uploader::demo::demo(&dir, &work)?;
         }
         Cmd::Init { .. } => {
-            let (repo, pw) = repo_and_password()?;
-            open_repo(&repo, &pw, true)?;
-            println!("created repository {}", shmback_uploader::location::shown(&repo));
+            let config = repository_config(cli)?;
+            open_repo(&config, true)?;
+            println!("created repository {}", config.location);
         }
         Cmd::Run { segment, grace, host, ring_size, group_shared } => {
-            let (repo, pw) = repo_and_password()?;
+            let config = repository_config(cli)?;
             let stop = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -277,7 +281,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             opts.segment =
                 SegmentOptions { capacity: *ring_size, group_shared: *group_shared, ..SegmentOptions::default() };
-            serve_all(&repo, &pw, segment, &opts, &stop, |seg: &Path, o: &BatchOutcome| match o {
+            serve_all(&config, segment, &opts, &stop, |seg: &Path, o: &BatchOutcome| match o {
                 BatchOutcome::Stored { seq, snapshot, elapsed } => {
                     println!("{}: batch {seq}: snapshot {} ({elapsed:.2?})", seg.display(), snapshot.id)
                 }
@@ -287,8 +291,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             })?;
         }
         Cmd::Snapshots { json } => {
-            let (repo, pw) = repo_and_password()?;
-            let snaps = commands::snapshots(&repo, &pw)?;
+            let config = repository_config(cli)?;
+            let snaps = commands::snapshots(&config)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&snaps)?);
             } else {
@@ -299,19 +303,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Restore { spec, dest } => {
-            let (repo, pw) = repo_and_password()?;
-            commands::restore(&repo, &pw, spec, dest)?;
+            let config = repository_config(cli)?;
+            commands::restore(&config, spec, dest)?;
             println!("restored {spec} to {}", dest.display());
         }
         Cmd::Check { read_data } => {
-            let (repo, pw) = repo_and_password()?;
-            commands::check(&repo, &pw, *read_data)?;
+            let config = repository_config(cli)?;
+            commands::check(&config, *read_data)?;
             println!("no errors were found");
         }
         Cmd::Forget { keep, group_by, dry_run, prune, prune_opts } => {
-            let (repo, pw) = repo_and_password()?;
+            let config = repository_config(cli)?;
             let prune = prune.then_some(&**prune_opts);
-            let report = commands::forget(&repo, &pw, keep, *group_by, prune, *dry_run)?;
+            let report = commands::forget(&config, keep, *group_by, prune, *dry_run)?;
             for (group, items) in &report.groups {
                 println!("snapshots of {group}:");
                 for commands::Verdict { snapshot: snap, keep, reasons } in items {

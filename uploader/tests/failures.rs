@@ -17,6 +17,10 @@ use shmback_uploader::{ServeOptions, open_repo, serve};
 use shmback_writer::{EntryMeta, Outbox, OutboxOptions, WriteError};
 
 const PW: &str = "pw";
+
+fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
+    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
+}
 const T: Duration = Duration::from_secs(60);
 
 fn file(path: &str, size: u64) -> Entry {
@@ -41,7 +45,7 @@ fn start(repo: &str, seg: &Path) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let (s2, seg2, repo) = (stop.clone(), seg.to_path_buf(), repo.to_string());
     let handle = std::thread::spawn(move || {
-        let mut r = open_repo(&repo, PW, false).unwrap();
+        let mut r = open_repo(&cfg(&repo), false).unwrap();
         let mut out = vec![];
         let opts = ServeOptions { tick: Duration::from_millis(20), ..ServeOptions::default() };
         serve(&mut r, &seg2, &opts, &s2, |o| out.push(format!("{o:?}"))).unwrap();
@@ -75,7 +79,7 @@ fn good_batch(seg: &Path, name: &str) -> Result<[u8; 32], WriteError> {
 fn setup() -> (tempfile::TempDir, String, tempfile::TempDir) {
     let repo = tempfile::tempdir().unwrap();
     let loc = repo.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    open_repo(&cfg(&loc), true).unwrap();
     (repo, loc, tempfile::tempdir_in("/dev/shm").unwrap())
 }
 
@@ -100,8 +104,8 @@ fn a_producer_dying_mid_batch_makes_no_snapshot_and_the_next_batch_is_stored() {
     let out = server.stop();
     assert!(out[0].starts_with("Rejected { seq: 1") && out[0].contains("Aborted"), "{out:#?}");
     assert!(out[1].starts_with("Stored { seq: 2"), "{out:#?}");
-    assert_eq!(snapshots(&loc, PW).unwrap().len(), 1);
-    check(&loc, PW, true).unwrap();
+    assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 1);
+    check(&cfg(&loc), true).unwrap();
 }
 
 /// Writes `frames` raw into the ring (bypassing the codec's checks) as one batch.
@@ -174,9 +178,9 @@ fn hostile_batches_are_rejected_and_the_daemon_keeps_serving() {
     let out = server.stop();
     assert_eq!(out.iter().filter(|o| o.starts_with("Rejected")).count(), hostile.len() + 1, "{out:#?}");
     assert!(out.last().unwrap().starts_with("Stored"), "{out:#?}");
-    let snaps = snapshots(&loc, PW).unwrap();
+    let snaps = snapshots(&cfg(&loc)).unwrap();
     assert_eq!(snaps.len(), 1, "only the good batch made a snapshot");
-    check(&loc, PW, true).unwrap();
+    check(&cfg(&loc), true).unwrap();
 }
 
 #[test]
@@ -218,8 +222,8 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     killer.join().unwrap();
     child.wait().unwrap();
     assert!(matches!(first, Err(WriteError::UploaderGone)), "{first:?}");
-    assert_eq!(snapshots(&loc, PW).unwrap().len(), 0, "no snapshot for the batch in flight");
-    check(&loc, PW, true).unwrap();
+    assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 0, "no snapshot for the batch in flight");
+    check(&cfg(&loc), true).unwrap();
 
     let mut child = run();
     let mut b = ob.batch();
@@ -228,7 +232,7 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     child.kill().unwrap();
     child.wait().unwrap();
     let dest = tempfile::tempdir().unwrap();
-    shmback_uploader::commands::restore(&loc, PW, "latest", dest.path()).unwrap();
+    shmback_uploader::commands::restore(&cfg(&loc), "latest", dest.path()).unwrap();
     assert!(std::fs::read(dest.path().join("data/big.bin")).unwrap() == big, "restored bytes differ");
 }
 

@@ -13,6 +13,10 @@ use shmback_writer::{Outbox, OutboxOptions};
 
 const PW: &str = "test-password";
 
+fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
+    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
+}
+
 fn content(seed: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 131 + seed * 7) % 253) as u8).collect()
 }
@@ -43,7 +47,7 @@ fn tree(root: &Path) {
 fn fresh_repo() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let loc = dir.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    open_repo(&cfg(&loc), true).unwrap();
     (dir, loc)
 }
 
@@ -58,7 +62,7 @@ fn batches_become_snapshots_that_restore_byte_exact() {
     let stop = Arc::new(AtomicBool::new(false));
     let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), repo_loc.clone());
     let server = std::thread::spawn(move || {
-        let mut repo = open_repo(&loc2, PW, false).unwrap();
+        let mut repo = open_repo(&cfg(&loc2), false).unwrap();
         let mut outcomes = vec![];
         serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
             outcomes.push(format!("{o:?}"));
@@ -118,9 +122,9 @@ fn batches_become_snapshots_that_restore_byte_exact() {
     // The stream's node records the size read (restic truncates a restored file to it).
     check("dump/stream.sql", &content(7, 9 << 20));
     // The repository checks clean, data included, and a full restore equals the source tree.
-    shmback_uploader::commands::check(&repo_loc, PW, true).unwrap();
+    shmback_uploader::commands::check(&cfg(&repo_loc), true).unwrap();
     let dest = tempfile::tempdir().unwrap();
-    shmback_uploader::commands::restore(&repo_loc, PW, &snaps[1].id.to_hex(), dest.path()).unwrap();
+    shmback_uploader::commands::restore(&cfg(&repo_loc), &snaps[1].id.to_hex(), dest.path()).unwrap();
     let (files, bytes) = shmback_uploader::demo::compare_trees(src.path(), &dest.path().join("data")).unwrap();
     assert_eq!(files, 55);
     assert_eq!(bytes, (13 << 20) + 4 + 1 + (0..50).map(|i| (i * 997 % 5000) as u64).sum::<u64>());
@@ -140,7 +144,7 @@ fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
     let stop = Arc::new(AtomicBool::new(false));
     let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), loc.clone());
     let server = std::thread::spawn(move || {
-        let mut repo = open_repo(&loc2, PW, false).unwrap();
+        let mut repo = open_repo(&cfg(&loc2), false).unwrap();
         let mut summaries = vec![];
         serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
             if let shmback_uploader::BatchOutcome::Stored { snapshot, .. } = o {
@@ -176,6 +180,6 @@ fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
     assert_eq!((s[2].2.files_changed, s[2].2.files_unmodified), (1, s[1].2.files_unmodified - 1));
     assert!(s[2].2.data_added_files > 0, "the change was stored");
     let dest = tempfile::tempdir().unwrap();
-    shmback_uploader::commands::restore(&loc, PW, "latest:/data/d3/f3", &dest.path().join("f3")).unwrap();
+    shmback_uploader::commands::restore(&cfg(&loc), "latest:/data/d3/f3", &dest.path().join("f3")).unwrap();
     assert!(std::fs::read(dest.path().join("f3")).unwrap() == new);
 }

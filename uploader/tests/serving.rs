@@ -15,6 +15,10 @@ use shmback_uploader::{ServeOptions, open_repo, serve_all};
 use shmback_writer::{Outbox, OutboxOptions, WriteError};
 
 const PW: &str = "pw";
+
+fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
+    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
+}
 const T: Duration = Duration::from_secs(60);
 
 /// A reader of `len` bytes that yields the first `first` bytes, tells `started`, then blocks until
@@ -83,7 +87,7 @@ fn wait_for(path: &Path) {
 fn fresh_repo() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let loc = dir.path().to_str().unwrap().to_string();
-    open_repo(&loc, PW, true).unwrap();
+    open_repo(&cfg(&loc), true).unwrap();
     (dir, loc)
 }
 
@@ -98,7 +102,7 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
         std::thread::spawn(move || {
             let out = std::sync::Mutex::new(vec![]);
             let opts = ServeOptions { tick: Duration::from_millis(20), ..ServeOptions::default() };
-            serve_all(&loc, PW, &paths, &opts, &stop, |seg, o| {
+            serve_all(&cfg(&loc), &paths, &opts, &stop, |seg, o| {
                 out.lock().unwrap().push((seg.file_name().unwrap().to_string_lossy().into_owned(), format!("{o:?}")))
             })
             .unwrap();
@@ -122,8 +126,8 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
     assert_eq!(out.iter().filter(|(s, o)| s == "a" && o.starts_with("Stored")).count(), 1, "{out:#?}");
     // The fast batches were stored before the slow one finished.
     assert_eq!(out.last().unwrap().0, "a", "{out:#?}");
-    assert_eq!(snapshots(&loc, PW).unwrap().len(), 4);
-    check(&loc, PW, true).unwrap();
+    assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 4);
+    check(&cfg(&loc), true).unwrap();
 }
 
 #[test]
@@ -133,9 +137,9 @@ fn a_segment_named_twice_or_unusable_fails_at_start_up() {
     let a = shm.path().join("a");
     let stop = Arc::new(AtomicBool::new(false));
     let opts = ServeOptions::default();
-    let e = serve_all(&loc, PW, &[a.clone(), a.clone()], &opts, &stop, |_, _| {}).unwrap_err();
+    let e = serve_all(&cfg(&loc), &[a.clone(), a.clone()], &opts, &stop, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("named twice"), "{e:#}");
-    let e = serve_all(&loc, PW, &[shm.path().join("no/such/dir/seg")], &opts, &stop, |_, _| {}).unwrap_err();
+    let e = serve_all(&cfg(&loc), &[shm.path().join("no/such/dir/seg")], &opts, &stop, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("no/such/dir/seg"), "the error names the segment: {e:#}");
 }
 
@@ -183,6 +187,6 @@ fn sigterm_abandons_a_stalled_batch_after_the_grace_period_and_stores_nothing() 
     );
     let log = std::fs::read_to_string(log.path()).unwrap();
     assert!(log.contains("grace period"), "the log says why the batch was abandoned:\n{log}");
-    assert_eq!(snapshots(&loc, PW).unwrap().len(), 0, "no snapshot of the abandoned batch");
-    check(&loc, PW, true).unwrap();
+    assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 0, "no snapshot of the abandoned batch");
+    check(&cfg(&loc), true).unwrap();
 }
