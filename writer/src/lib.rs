@@ -18,10 +18,17 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+mod entries;
 mod error;
 mod outbox;
+mod progress;
+mod send;
+mod ticket;
 
-pub use batch::{Batch, EntryMeta, Progress, SnapshotId, Ticket};
+pub use batch::Batch;
+pub use entries::EntryMeta;
 pub use error::WriteError;
 pub use outbox::{Outbox, OutboxOptions};
+pub use progress::Progress;
 pub use shmback_proto::{Labels, SegmentOptions};
+pub use ticket::{SnapshotId, Ticket};

@@ -7,6 +7,7 @@ use shmback_proto::{Labels, Producer, Segment, SegmentOptions};
 
 use crate::batch::Batch;
 use crate::error::WriteError;
+use crate::send::Channel;
 
 /// How an [`Outbox`] attaches and sends.
 #[derive(Clone, Debug)]
@@ -50,8 +51,8 @@ impl Default for OutboxOptions {
 /// # Ok::<(), shmback_writer::WriteError>(())
 /// ```
 pub struct Outbox {
-    pub(crate) producer: Producer<Segment>,
-    pub(crate) opts: OutboxOptions,
+    producer: Producer<Segment>,
+    opts: OutboxOptions,
     path: PathBuf,
 }
 
@@ -65,7 +66,14 @@ impl Outbox {
 
     /// Starts a batch (one snapshot). Nothing is sent until [`Batch::commit`].
     pub fn batch(&mut self) -> Batch<'_> {
-        Batch::new(self)
+        let frame_size = self.frame_size();
+        Batch::new(Channel {
+            producer: &mut self.producer,
+            segment: &self.path,
+            labels: &self.opts.labels,
+            timeout: self.opts.timeout,
+            frame_size,
+        })
     }
 
     /// The segment's path.
@@ -79,7 +87,7 @@ impl Outbox {
     }
 
     /// Payload bytes per DATA frame actually used.
-    pub(crate) fn frame_size(&self) -> usize {
+    fn frame_size(&self) -> usize {
         self.opts.frame_size.clamp(4096, self.producer.max_payload())
     }
 }
