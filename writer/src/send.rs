@@ -46,49 +46,51 @@ pub(crate) fn send_batch<'o>(
         let segment = segment.display().to_string();
         producer.wait_for_consumer(timeout).map_err(|_| WriteError::NoUploader { segment, waited: timeout })?;
     }
-    let p = producer;
-    let seq = p.next_batch_seq();
-    let epoch = p.consumer_epoch();
-    let mut prog = Progress {
+    let seq = producer.next_batch_seq();
+    let epoch = producer.consumer_epoch();
+    let files = || pending.iter().filter(|x| x.entry.kind == EntryKind::File);
+    let manifest = Progress {
         entries: pending.len() as u64,
-        files_total: pending.iter().filter(|x| x.entry.kind == EntryKind::File).count() as u64,
-        bytes_total: pending.iter().filter(|x| x.entry.kind == EntryKind::File).filter_map(|x| x.entry.size).sum(),
+        files_total: files().count() as u64,
+        bytes_total: files().filter_map(|x| x.entry.size).sum(),
         ..Progress::default()
     };
-    p.send(&Frame::Begin(Begin { seq, labels }), timeout).map_err(ring)?;
-    p.record_begun(seq);
+    producer.send(&Frame::Begin(Begin { seq, labels }), timeout).map_err(ring)?;
+    producer.record_begun(seq);
     for x in &pending {
-        p.send(&Frame::Entry(x.entry.clone()), timeout).map_err(ring)?;
+        producer.send(&Frame::Entry(x.entry.clone()), timeout).map_err(ring)?;
     }
-    p.send(&Frame::EndOfManifest { entries: prog.entries }, timeout).map_err(ring)?;
-    progress(&prog);
+    producer.send(&Frame::EndOfManifest { entries: manifest.entries }, timeout).map_err(ring)?;
+    progress(&manifest);
 
-    let mut last_report = Instant::now();
+    let mut data = DataSender {
+        producer,
+        frame_size,
+        timeout,
+        progress: manifest,
+        report: &mut progress,
+        last_report: Instant::now(),
+    };
     for x in pending.iter_mut().filter(|x| x.entry.kind == EntryKind::File) {
-        let sent = send_data(p, timeout, x, frame_size, &mut prog, &mut |pr| {
-            if last_report.elapsed() >= Duration::from_millis(100) {
-                last_report = Instant::now();
-                progress(pr);
-            }
-        });
-        match sent {
+        match data.send_file(x) {
             Ok(()) => {}
             Err(Failure::Source(e)) => {
                 // Tell the uploader to drop the batch; if even that fails, the uploader tears
                 // it when the next batch begins.
                 let reason = e.to_string();
-                let _ = p.send(&Frame::Abort { code: abort_code::SOURCE_CHANGED, reason }, timeout);
-                p.flush();
+                let _ = data.producer.send(&Frame::Abort { code: abort_code::SOURCE_CHANGED, reason }, timeout);
+                data.producer.flush();
                 return Err(e);
             }
             Err(Failure::Ring(e)) => return Err(ring(e)),
         }
-        prog.files_done += 1;
+        data.progress.files_done += 1;
     }
-    p.send(&Frame::Commit { entries: prog.entries, bytes: prog.bytes_done }, timeout).map_err(ring)?;
-    p.flush();
-    progress(&prog);
-    Ok(Ticket { producer: p, seq, epoch, progress: prog, elapsed: start.elapsed() })
+    let DataSender { producer, progress: sent, .. } = data;
+    producer.send(&Frame::Commit { entries: sent.entries, bytes: sent.bytes_done }, timeout).map_err(ring)?;
+    producer.flush();
+    progress(&sent);
+    Ok(Ticket { producer, seq, epoch, progress: sent, elapsed: start.elapsed() })
 }
 
 /// Re-reads every on-disk file's metadata for the manifest; nothing has been sent yet, so a
@@ -116,47 +118,121 @@ enum Failure {
     Ring(shmback_proto::RingError),
 }
 
+impl Failure {
+    /// `origin` no longer matches its manifest entry (or a reader lied about its size).
+    fn changed(origin: &Path, what: String) -> Self {
+        Failure::Source(WriteError::SourceChanged { path: origin.into(), what })
+    }
+
+    fn io(origin: &Path, source: std::io::Error) -> Self {
+        Failure::Source(WriteError::Io { path: origin.into(), source })
+    }
+}
+
 impl From<shmback_proto::RingError> for Failure {
     fn from(e: shmback_proto::RingError) -> Self {
         Failure::Ring(e)
     }
 }
 
-/// Streams one file's data: `read()` straight into reserved ring space.
-fn send_data(
-    p: &mut Producer<Segment>,
-    timeout: Duration,
-    x: &mut Pending<'_>,
+/// The data phase of a batch, from the end of its manifest to COMMIT: each file's bytes read
+/// straight into reserved ring space as DATA frames, counted in `progress` as they go.
+struct DataSender<'p, 'r> {
+    producer: &'p mut Producer<Segment>,
+    /// Payload bytes per DATA frame.
     frame_size: usize,
-    prog: &mut Progress,
-    tick: &mut dyn FnMut(&Progress),
-) -> Result<(), Failure> {
-    let origin = x.origin.clone();
-    let changed = |what: String| Failure::Source(WriteError::SourceChanged { path: origin.clone(), what });
-    let io = |source| Failure::Source(WriteError::Io { path: origin.clone(), source });
-    let size = x.entry.size;
-    let mut reader: Box<dyn Read + Send + '_> = match &mut x.source {
-        Source::File(path) => {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW) // a file swapped for a symlink is not followed
-                .open(&*path)
-                .map_err(|e| if e.kind() == ErrorKind::NotFound { changed("deleted".into()) } else { io(e) })?;
-            check_unchanged(&f, &x.entry).map_err(changed)?;
-            let sent = pump(p, &mut (&f), size, frame_size, timeout, prog, tick, &changed, &io)?;
-            check_unchanged(&f, &x.entry).map_err(|w| changed(format!("{w} while it was read")))?;
-            debug_assert_eq!(Some(sent), size);
-            return Ok(());
+    timeout: Duration,
+    progress: Progress,
+    /// The caller's progress callback, called at most every 100 ms from here.
+    report: &'r mut dyn FnMut(&Progress),
+    last_report: Instant,
+}
+
+impl DataSender<'_, '_> {
+    /// Streams one file's data from its source.
+    fn send_file(&mut self, x: &mut Pending<'_>) -> Result<(), Failure> {
+        let origin = x.origin.as_path();
+        let size = x.entry.size;
+        let mut reader: Box<dyn Read + Send + '_> = match &mut x.source {
+            Source::File(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW) // a file swapped for a symlink is not followed
+                    .open(&*path)
+                    .map_err(|e| {
+                        if e.kind() == ErrorKind::NotFound {
+                            Failure::changed(origin, "deleted".into())
+                        } else {
+                            Failure::io(origin, e)
+                        }
+                    })?;
+                check_unchanged(&f, &x.entry).map_err(|w| Failure::changed(origin, w))?;
+                let sent = self.pump(&mut (&f), size, origin)?;
+                check_unchanged(&f, &x.entry)
+                    .map_err(|w| Failure::changed(origin, format!("{w} while it was read")))?;
+                debug_assert_eq!(Some(sent), size);
+                return Ok(());
+            }
+            Source::Bytes(b) => Box::new(std::io::Cursor::new(std::mem::take(b))),
+            Source::Reader(r) => Box::new(r),
+            Source::None => return Ok(()),
+        };
+        let sent = self.pump(&mut reader, size, origin)?;
+        if size.is_none() {
+            self.producer.send(&Frame::EndOfFile { len: sent }, self.timeout)?;
         }
-        Source::Bytes(b) => Box::new(std::io::Cursor::new(std::mem::take(b))),
-        Source::Reader(r) => Box::new(r),
-        Source::None => return Ok(()),
-    };
-    let sent = pump(p, &mut reader, size, frame_size, timeout, prog, tick, &changed, &io)?;
-    if size.is_none() {
-        p.send(&Frame::EndOfFile { len: sent }, timeout)?;
+        Ok(())
     }
-    Ok(())
+
+    /// Copies `size` bytes (or, for `None`, everything) from `r` into DATA frames; `origin` names
+    /// the source in errors.
+    fn pump(&mut self, r: &mut dyn Read, size: Option<u64>, origin: &Path) -> Result<u64, Failure> {
+        let mut sent = 0u64;
+        loop {
+            let want = match size {
+                Some(s) if sent == s => break,
+                Some(s) => ((s - sent) as usize).min(self.frame_size),
+                None => self.frame_size,
+            };
+            let mut res = self.producer.reserve(FrameKind::Data, want, self.timeout)?;
+            let n = loop {
+                match r.read(&mut res) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Failure::io(origin, e)),
+                }
+            };
+            if n == 0 {
+                // Uncommitted: the reservation is dropped, nothing of it is visible.
+                let _ = res;
+                return match size {
+                    Some(s) => Err(Failure::changed(origin, format!("ended after {sent} of {s} bytes"))),
+                    None => Ok(sent),
+                };
+            }
+            res.commit_len(n);
+            sent += n as u64;
+            self.progress.bytes_done += n as u64;
+            if size.is_none() {
+                self.progress.bytes_total += n as u64;
+            }
+            self.tick();
+        }
+        // A known size was reached: the source must have nothing more.
+        let mut probe = [0u8; 1];
+        match r.read(&mut probe) {
+            Ok(0) => Ok(sent),
+            Ok(_) => Err(Failure::changed(origin, format!("longer than the {sent} bytes in the manifest"))),
+            Err(e) => Err(Failure::io(origin, e)),
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.last_report.elapsed() >= Duration::from_millis(100) {
+            self.last_report = Instant::now();
+            (self.report)(&self.progress);
+        }
+    }
 }
 
 /// Compares an open file's metadata with its manifest entry.
@@ -169,57 +245,4 @@ fn check_unchanged(f: &File, e: &Entry) -> Result<(), String> {
         return Err("modification time differs from the manifest".into());
     }
     Ok(())
-}
-
-/// Copies `size` bytes (or, for `None`, everything) from `r` into DATA frames.
-#[allow(clippy::too_many_arguments)]
-fn pump(
-    p: &mut Producer<Segment>,
-    r: &mut dyn Read,
-    size: Option<u64>,
-    frame_size: usize,
-    timeout: Duration,
-    prog: &mut Progress,
-    tick: &mut dyn FnMut(&Progress),
-    changed: &dyn Fn(String) -> Failure,
-    io: &dyn Fn(std::io::Error) -> Failure,
-) -> Result<u64, Failure> {
-    let mut sent = 0u64;
-    loop {
-        let want = match size {
-            Some(s) if sent == s => break,
-            Some(s) => ((s - sent) as usize).min(frame_size),
-            None => frame_size,
-        };
-        let mut res = p.reserve(FrameKind::Data, want, timeout)?;
-        let n = loop {
-            match r.read(&mut res) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io(e)),
-            }
-        };
-        if n == 0 {
-            // Uncommitted: the reservation is dropped, nothing of it is visible.
-            let _ = res;
-            return match size {
-                Some(s) => Err(changed(format!("ended after {sent} of {s} bytes"))),
-                None => Ok(sent),
-            };
-        }
-        res.commit_len(n);
-        sent += n as u64;
-        prog.bytes_done += n as u64;
-        if size.is_none() {
-            prog.bytes_total += n as u64;
-        }
-        tick(prog);
-    }
-    // A known size was reached: the source must have nothing more.
-    let mut probe = [0u8; 1];
-    match r.read(&mut probe) {
-        Ok(0) => Ok(sent),
-        Ok(_) => Err(changed(format!("longer than the {sent} bytes in the manifest"))),
-        Err(e) => Err(io(e)),
-    }
 }
