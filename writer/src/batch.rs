@@ -1,16 +1,5 @@
 //! [`Batch`]: the entries of one snapshot, collected and validated as they are added, then handed
 //! to the send pipeline in manifest order.
-//!
-//! # When a source changes
-//! Sizes and times go into the manifest before any data (the uploader needs every entry ahead of
-//! the bytes). At commit every file is `lstat`ed again for the manifest; when its turn comes it is
-//! opened (`O_NOFOLLOW`) and `fstat`ed, read, and `fstat`ed again. If the size or mtime differs at
-//! either point, or the file ends early, the batch is **aborted** (an ABORT frame; the uploader
-//! makes no snapshot) and [`WriteError::SourceChanged`] names the file: a snapshot never records
-//! metadata that disagrees with the bytes stored. Send the batch again (from a quiescent state or
-//! a consistent dump). A reader added with a size that yields fewer or more bytes aborts the same
-//! way. A file that vanishes after `add_*` but before commit fails the commit before anything is
-//! sent.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -30,6 +19,66 @@ use crate::ticket::Ticket;
 
 /// One snapshot's entries. Build it with `add_*`, then [`Batch::commit`]. Dropping it (or
 /// [`Batch::abort`]) before commit sends nothing.
+///
+/// Entries are checked as they are added (an error leaves the batch as it was) and only recorded:
+/// files are opened one at a time when their data is due, so a batch holds no file descriptors.
+///
+/// ```
+/// use std::time::Duration;
+/// use shmback_writer::{EntryMeta, Outbox, OutboxOptions};
+///
+/// # let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+/// # let segment = shm.path().join("shmback");
+/// # let app = tempfile::tempdir().unwrap();
+/// # let app_conf = app.path().join("app.conf");
+/// # std::fs::write(&app_conf, "workers = 4\n").unwrap();
+/// let mut outbox = Outbox::open(&segment, OutboxOptions::default())?;
+/// # // A stand-in uploader: reads the batch and acknowledges it as snapshot 0707…07.
+/// # let mut ring = shmback_proto::Segment::consumer(&segment, &Default::default()).unwrap();
+/// # let uploader = std::thread::spawn(move || {
+/// #     let mut batches = shmback_proto::BatchDecoder::new();
+/// #     loop {
+/// #         let frame = ring.recv(Duration::from_secs(20)).unwrap();
+/// #         let event = batches.feed(frame.decode().unwrap()).unwrap();
+/// #         let committed = match event {
+/// #             shmback_proto::Event::Commit { seq, .. } => Some(seq),
+/// #             _ => None,
+/// #         };
+/// #         frame.release();
+/// #         if let Some(seq) = committed {
+/// #             return ring.publish_durable(seq, &[7; 32]);
+/// #         }
+/// #     }
+/// # });
+/// let mut batch = outbox.batch();
+/// batch.tag("nightly").label("release", "1.4.2");
+/// batch.add_path("etc/app.conf", &app_conf)?;      // read when its turn comes, not now
+/// batch.add_bytes("VERSION", "1.4.2\n")?;
+/// // A stream of unknown size (a database dump, a child's stdout): read to its end.
+/// let dump = std::io::Cursor::new(b"CREATE TABLE orders (id int);\n".to_vec());
+/// batch.add_reader("dumps/orders.sql", None, EntryMeta::default(), dump)?;
+/// // Checked when added: a second entry at the same path is refused, the batch unchanged.
+/// assert!(batch.add_bytes("VERSION", "again").is_err());
+/// assert_eq!(batch.len(), 3);
+///
+/// // The manifest also lists `etc` and `dumps`, added as directories (mode 0755).
+/// let ticket = batch.commit_with_progress(|p| eprintln!("{}/{} bytes", p.bytes_done, p.bytes_total))?;
+/// assert_eq!(ticket.progress().entries, 5);
+/// ticket.wait_durable(Duration::from_secs(600))?;
+/// # uploader.join().unwrap();
+/// # Ok::<(), shmback_writer::WriteError>(())
+/// ```
+///
+/// # When a source changes
+/// Sizes and times go into the manifest before any data (the uploader needs every entry ahead of
+/// the bytes). At commit every file is `lstat`ed again for the manifest; when its turn comes it is
+/// opened (`O_NOFOLLOW`) and `fstat`ed, read, and `fstat`ed again. If the size or mtime differs at
+/// either point, or the file ends early, the batch is **aborted** (an ABORT frame; the uploader
+/// makes no snapshot) and [`WriteError::SourceChanged`] names the file: a snapshot never records
+/// metadata that disagrees with the bytes stored. Send the batch again (from a quiescent state or
+/// a consistent dump). A reader added with a size that yields fewer or more bytes aborts the same
+/// way. A file that vanishes after `add_*` but before commit fails the commit before anything is
+/// sent.
 pub struct Batch<'o> {
     channel: Channel<'o>,
     pending: Vec<Pending<'o>>,
@@ -224,7 +273,8 @@ impl<'o> Batch<'o> {
         self.commit_with_progress(|_| {})
     }
 
-    /// [`Batch::commit`], calling `progress` after every file and every few MiB.
+    /// [`Batch::commit`], calling `progress` once the manifest is sent, at most every 100 ms while
+    /// data is sent, and once after COMMIT.
     pub fn commit_with_progress(mut self, progress: impl FnMut(&Progress)) -> Result<Ticket<'o>, WriteError> {
         let start = Instant::now();
         self.add_missing_parents();

@@ -21,9 +21,9 @@ pub(crate) const S_IFDIR: u32 = 0o040000;
 pub struct EntryMeta {
     /// Permission bits (the type bits are set by the writer).
     pub mode: u32,
-    /// Owner.
+    /// Owner's user id.
     pub uid: u32,
-    /// Group.
+    /// Owner's group id.
     pub gid: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,

@@ -11,13 +11,13 @@
 //!   below a file) and sent in the depth-first order the uploader needs, manifest first.
 //! - Backpressure blocks up to the configured timeout; nothing is dropped. An uploader that dies
 //!   mid-batch is [`WriteError::UploaderGone`]: build the batch again and resend when it is back.
-//! - A file that changes while it is sent aborts the batch (see [`batch`] for the exact rule).
+//! - A file that changes while it is sent aborts the batch (see [`Batch`] for the exact rule).
 //!
 //! See [`Outbox`] for an example, and the `shmback-send` binary for shell scripts and other
 //! languages.
 #![warn(missing_docs)]
 
-pub mod batch;
+mod batch;
 mod entries;
 mod error;
 mod outbox;

@@ -35,19 +35,47 @@ impl Default for OutboxOptions {
     }
 }
 
-/// A producer's handle on one segment. One batch at a time: [`Outbox::batch`] borrows it.
+/// A producer's handle on one segment: what a producer app keeps for its whole life. One batch at
+/// a time: [`Outbox::batch`] borrows it until the batch is committed or dropped.
 ///
-/// ```no_run
+/// The uploader (`shmback run`) usually creates the segment; `Outbox::open` creates it when it is
+/// not there yet, so the two can start in any order. Below, a stand-in uploader (hidden) plays
+/// `shmback run`.
+///
+/// ```
 /// use std::time::Duration;
 /// use shmback_writer::{Outbox, OutboxOptions};
 ///
-/// let mut outbox = Outbox::open("/dev/shm/shmback", OutboxOptions::default())?;
+/// # let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+/// # let segment = shm.path().join("shmback");
+/// # let data = tempfile::tempdir().unwrap();
+/// # std::fs::write(data.path().join("orders.csv"), "1,2,3\n").unwrap();
+/// # let data_dir = data.path();
+/// let mut outbox = Outbox::open(&segment, OutboxOptions::default())?;
+/// # // A stand-in uploader: reads the batch and acknowledges it as snapshot 0707…07.
+/// # let mut ring = shmback_proto::Segment::consumer(&segment, &Default::default()).unwrap();
+/// # let uploader = std::thread::spawn(move || {
+/// #     let mut batches = shmback_proto::BatchDecoder::new();
+/// #     loop {
+/// #         let frame = ring.recv(Duration::from_secs(20)).unwrap();
+/// #         let event = batches.feed(frame.decode().unwrap()).unwrap();
+/// #         let committed = match event {
+/// #             shmback_proto::Event::Commit { seq, .. } => Some(seq),
+/// #             _ => None,
+/// #         };
+/// #         frame.release();
+/// #         if let Some(seq) = committed {
+/// #             return ring.publish_durable(seq, &[7; 32]);
+/// #         }
+/// #     }
+/// # });
 /// let mut batch = outbox.batch();
-/// batch.add_dir("data", "/data")?;              // walks it; files are opened one at a time
+/// batch.add_dir("data", data_dir)?;               // walks it; files are opened one at a time
 /// batch.add_bytes("VERSION", b"42\n".to_vec())?;
 /// let ticket = batch.commit()?;                   // manifest, then data, then COMMIT
 /// let id = ticket.wait_durable(Duration::from_secs(600))?;
-/// println!("snapshot {id}");
+/// assert_eq!(id.to_string(), "07".repeat(32));
+/// # uploader.join().unwrap();
 /// # Ok::<(), shmback_writer::WriteError>(())
 /// ```
 pub struct Outbox {
