@@ -1,17 +1,15 @@
 //! [`Batch`]: the entries of one snapshot, collected and validated as they are added, then handed
 //! to the send pipeline in manifest order.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
 use std::io::{ErrorKind, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use shmback_proto::frame::validate_path;
-use shmback_proto::{Entry, EntryKind, Labels};
+use shmback_proto::{EntryKind, Labels};
 
-use crate::entries::{EntryMeta, Pending, S_IFDIR, Source, as_path, entry_from_metadata, memory_entry};
+use crate::entries::{EntryMeta, FsRoot, NewData, NewEntry};
+use crate::entry_list::EntryList;
 use crate::error::WriteError;
 use crate::progress::Progress;
 use crate::send::{Channel, send_batch};
@@ -81,11 +79,7 @@ use crate::ticket::Ticket;
 /// sent.
 pub struct Batch<'o> {
     channel: Channel<'o>,
-    pending: Vec<Pending<'o>>,
-    /// Every added path → whether it is a directory.
-    kinds: HashMap<Vec<u8>, bool>,
-    /// Every proper ancestor of an added path.
-    ancestors: HashSet<Vec<u8>>,
+    entries: EntryList<'o>,
     tags: Vec<String>,
     meta: Vec<(String, String)>,
     host: Option<String>,
@@ -96,9 +90,7 @@ impl<'o> Batch<'o> {
     pub(crate) fn new(channel: Channel<'o>) -> Self {
         Batch {
             channel,
-            pending: Vec::new(),
-            kinds: HashMap::new(),
-            ancestors: HashSet::new(),
+            entries: EntryList::new(),
             tags: Vec::new(),
             meta: Vec::new(),
             host: None,
@@ -126,12 +118,12 @@ impl<'o> Batch<'o> {
 
     /// Entries added so far.
     pub fn len(&self) -> usize {
-        self.pending.len()
+        self.entries.len()
     }
 
     /// Whether nothing was added.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.entries.len() == 0
     }
 
     /// Sources `add_dir` skipped (sockets, devices, FIFOs), with why.
@@ -139,48 +131,19 @@ impl<'o> Batch<'o> {
         &self.skipped
     }
 
-    /// Checks `path` and records it; errors leave the batch unchanged.
-    fn claim(&mut self, path: &[u8], is_dir: bool) -> Result<(), WriteError> {
-        let shown = || String::from_utf8_lossy(path).into_owned();
-        validate_path(path).map_err(|why| WriteError::InvalidPath { path: shown(), why })?;
-        if self.kinds.contains_key(path) {
-            return Err(WriteError::Duplicate { path: shown() });
-        }
-        if !is_dir && self.ancestors.contains(path) {
-            let child = self.kinds.keys().find(|k| k.starts_with(path) && k.get(path.len()) == Some(&b'/'));
-            return Err(WriteError::NotADirectory {
-                path: child.map(|c| String::from_utf8_lossy(c).into_owned()).unwrap_or_default(),
-                parent: shown(),
-            });
-        }
-        let parents: Vec<&[u8]> =
-            path.iter().enumerate().filter(|(_, b)| **b == b'/').map(|(i, _)| &path[..i]).collect();
-        for p in &parents {
-            if self.kinds.get(*p) == Some(&false) {
-                return Err(WriteError::NotADirectory { path: shown(), parent: String::from_utf8_lossy(p).into() });
-            }
-        }
-        for p in parents {
-            self.ancestors.insert(p.to_vec());
-        }
-        self.kinds.insert(path.to_vec(), is_dir);
-        Ok(())
-    }
-
-    fn push(&mut self, entry: Entry, source: Source<'o>, origin: PathBuf) -> Result<(), WriteError> {
-        self.claim(&entry.path, entry.kind == EntryKind::Dir)?;
-        self.pending.push(Pending { entry, source, origin });
-        Ok(())
-    }
-
     /// Adds one filesystem object at `snapshot_path`: a regular file (opened only when its data is
     /// sent), a directory (the directory entry alone; see [`Batch::add_dir`] for its contents) or a
     /// symlink (stored as a link). Other types are an error.
     pub fn add_path(&mut self, snapshot_path: impl AsRef<[u8]>, fs_path: impl AsRef<Path>) -> Result<(), WriteError> {
-        let fs_path = fs_path.as_ref();
+        let (snapshot_path, fs_path) = (snapshot_path.as_ref(), fs_path.as_ref());
         let m = std::fs::symlink_metadata(fs_path).map_err(|source| WriteError::Io { path: fs_path.into(), source })?;
-        match entry_from_metadata(snapshot_path.as_ref().to_vec(), fs_path, &m)? {
-            Some((entry, source)) => self.push(entry, source, fs_path.into()),
+        let file = if m.file_type().is_file() {
+            NewData::File { root: self.entries.add_root(fs_path), suffix_from: snapshot_path.len() as u32 }
+        } else {
+            NewData::None
+        };
+        match NewEntry::from_metadata(fs_path, &m, file)? {
+            Some(entry) => self.entries.add(snapshot_path, entry),
             None => Err(WriteError::Io {
                 path: fs_path.into(),
                 source: std::io::Error::new(ErrorKind::Unsupported, "not a regular file, directory or symlink"),
@@ -193,41 +156,46 @@ impl<'o> Batch<'o> {
     /// and listed in [`Batch::skipped`]. An empty `prefix` puts the contents at the snapshot root.
     pub fn add_dir(&mut self, prefix: impl AsRef<[u8]>, dir: impl AsRef<Path>) -> Result<(), WriteError> {
         let dir = dir.as_ref();
-        let prefix = prefix.as_ref().to_vec();
+        let prefix = prefix.as_ref();
         if !prefix.is_empty() {
-            self.add_path(&prefix, dir)?;
-            if self.kinds.get(&prefix) != Some(&true) {
+            self.add_path(prefix, dir)?;
+            if !self.entries.is_dir(prefix) {
                 return Err(WriteError::Io {
                     path: dir.into(),
                     source: std::io::Error::new(ErrorKind::NotADirectory, "add_dir needs a directory"),
                 });
             }
         }
-        self.walk(&prefix, dir)
+        // Files below `dir` are found again as `dir` joined with their snapshot path below `prefix`.
+        let root = self.entries.add_root(dir);
+        let suffix_from = if prefix.is_empty() { 0 } else { prefix.len() + 1 };
+        self.walk(Walk { root, suffix_from: suffix_from as u32 }, prefix, dir)
     }
 
-    fn walk(&mut self, prefix: &[u8], dir: &Path) -> Result<(), WriteError> {
+    fn walk(&mut self, walk: Walk, prefix: &[u8], dir: &Path) -> Result<(), WriteError> {
         let io = |source| WriteError::Io { path: dir.into(), source };
         let mut children = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io)? {
             let e = e.map_err(io)?;
             children.push(e.file_name());
         }
+        let mut snap = prefix.to_vec();
         for name in children {
             let fs_path = dir.join(&name);
             let m = std::fs::symlink_metadata(&fs_path)
                 .map_err(|source| WriteError::Io { path: fs_path.clone(), source })?;
-            let mut snap = prefix.to_vec();
+            snap.truncate(prefix.len());
             if !snap.is_empty() {
                 snap.push(b'/');
             }
             snap.extend_from_slice(name.as_bytes());
-            match entry_from_metadata(snap.clone(), &fs_path, &m)? {
-                Some((entry, source)) => {
+            let file = NewData::File { root: walk.root, suffix_from: walk.suffix_from };
+            match NewEntry::from_metadata(&fs_path, &m, file)? {
+                Some(entry) => {
                     let is_dir = entry.kind == EntryKind::Dir;
-                    self.push(entry, source, fs_path.clone())?;
+                    self.entries.add(&snap, entry)?;
                     if is_dir {
-                        self.walk(&snap, &fs_path)?;
+                        self.walk(walk, &snap, &fs_path)?;
                     }
                 }
                 None => {
@@ -248,19 +216,15 @@ impl<'o> Batch<'o> {
         meta: EntryMeta,
         reader: impl Read + Send + 'o,
     ) -> Result<(), WriteError> {
-        let path = snapshot_path.as_ref().to_vec();
-        let origin = PathBuf::from(OsStr::from_bytes(&path));
-        let entry = memory_entry(path, size, meta);
-        self.push(entry, Source::Reader(Box::new(reader)), origin)
+        let entry = NewEntry::in_memory(size, meta, NewData::Reader(Box::new(reader)));
+        self.entries.add(snapshot_path.as_ref(), entry)
     }
 
     /// Adds a file with the given contents (mode 0644, owned by this process, modified now).
     pub fn add_bytes(&mut self, snapshot_path: impl AsRef<[u8]>, bytes: impl Into<Vec<u8>>) -> Result<(), WriteError> {
         let bytes = bytes.into();
-        let path = snapshot_path.as_ref().to_vec();
-        let origin = PathBuf::from(OsStr::from_bytes(&path));
-        let entry = memory_entry(path, Some(bytes.len() as u64), EntryMeta::default());
-        self.push(entry, Source::Bytes(bytes), origin)
+        let entry = NewEntry::in_memory(Some(bytes.len() as u64), EntryMeta::default(), NewData::Bytes(bytes));
+        self.entries.add(snapshot_path.as_ref(), entry)
     }
 
     /// Abandons the batch. Nothing was sent, so the uploader sees nothing.
@@ -275,39 +239,23 @@ impl<'o> Batch<'o> {
 
     /// [`Batch::commit`], calling `progress` once the manifest is sent, at most every 100 ms while
     /// data is sent, and once after COMMIT.
-    pub fn commit_with_progress(mut self, progress: impl FnMut(&Progress)) -> Result<Ticket<'o>, WriteError> {
+    pub fn commit_with_progress(self, progress: impl FnMut(&Progress)) -> Result<Ticket<'o>, WriteError> {
         let start = Instant::now();
-        self.add_missing_parents();
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by(|a, b| as_path(&a.entry.path).cmp(as_path(&b.entry.path)));
+        let manifest = self.entries.into_manifest(EntryMeta { mode: 0o755, ..EntryMeta::default() });
         let mut labels: Labels = self.channel.labels.clone();
         labels.tags.extend(self.tags);
         labels.meta.extend(self.meta);
         if self.host.is_some() {
             labels.host = self.host;
         }
-        send_batch(self.channel, labels, pending, progress, start)
+        send_batch(self.channel, labels, manifest, progress, start)
     }
+}
 
-    /// Adds directory entries for parents nobody added (mode 0755, owned by this process, mtime
-    /// now), so the manifest is a complete tree.
-    fn add_missing_parents(&mut self) {
-        let missing: Vec<Vec<u8>> = self.ancestors.iter().filter(|a| !self.kinds.contains_key(*a)).cloned().collect();
-        let meta = EntryMeta { mode: 0o755, ..EntryMeta::default() };
-        for path in missing {
-            let origin = PathBuf::from(OsStr::from_bytes(&path));
-            let entry = Entry {
-                path: path.clone(),
-                kind: EntryKind::Dir,
-                size: Some(0),
-                mode: S_IFDIR | meta.mode,
-                uid: meta.uid,
-                gid: meta.gid,
-                mtime_ns: meta.mtime_ns,
-                target: vec![],
-            };
-            self.kinds.insert(path, true);
-            self.pending.push(Pending { entry, source: Source::None, origin });
-        }
-    }
+/// Where the files of one `add_dir` walk are found again: the part of a snapshot path from byte
+/// `suffix_from` on, below `root`.
+#[derive(Clone, Copy)]
+struct Walk {
+    root: FsRoot,
+    suffix_from: u32,
 }

@@ -19,6 +19,7 @@
 
 mod batch;
 mod entries;
+mod entry_list;
 mod error;
 mod outbox;
 mod progress;

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shmback_proto::frame::abort_code;
-use shmback_proto::{Begin, Entry, EntryKind, Frame, FrameKind, Labels, Producer, Segment};
+use shmback_proto::{Begin, Frame, FrameKind, Labels, Producer, Segment};
 
-use crate::entries::{Pending, Source, entry_from_metadata, mtime_ns};
+use crate::entries::{Source, mtime_ns};
+use crate::entry_list::{FileData, Manifest};
 use crate::error::WriteError;
 use crate::progress::Progress;
 use crate::ticket::Ticket;
@@ -26,16 +27,16 @@ pub(crate) struct Channel<'o> {
     pub(crate) frame_size: usize,
 }
 
-/// Sends `pending` (sorted in manifest order) as one batch labelled `labels`. `start` is when the
+/// Sends `manifest` as one batch labelled `labels`. `start` is when the
 /// commit began, for the ticket's elapsed time.
 pub(crate) fn send_batch<'o>(
     channel: Channel<'o>,
     labels: Labels,
-    mut pending: Vec<Pending<'o>>,
+    mut manifest: Manifest<'o>,
     mut progress: impl FnMut(&Progress),
     start: Instant,
 ) -> Result<Ticket<'o>, WriteError> {
-    refresh_metadata(&mut pending)?;
+    manifest.refresh_metadata()?;
 
     let Channel { producer, segment, timeout, frame_size, .. } = channel;
     let ring = |e| WriteError::from_ring(e, timeout);
@@ -48,31 +49,31 @@ pub(crate) fn send_batch<'o>(
     }
     let seq = producer.next_batch_seq();
     let epoch = producer.consumer_epoch();
-    let files = || pending.iter().filter(|x| x.entry.kind == EntryKind::File);
-    let manifest = Progress {
-        entries: pending.len() as u64,
-        files_total: files().count() as u64,
-        bytes_total: files().filter_map(|x| x.entry.size).sum(),
+    let totals = Progress {
+        entries: manifest.len() as u64,
+        files_total: manifest.file_count(),
+        bytes_total: manifest.file_bytes(),
         ..Progress::default()
     };
     producer.send(&Frame::Begin(Begin { seq, labels }), timeout).map_err(ring)?;
     producer.record_begun(seq);
-    for x in &pending {
-        producer.send(&Frame::Entry(x.entry.clone()), timeout).map_err(ring)?;
+    for i in 0..manifest.len() {
+        producer.send(&Frame::Entry(manifest.entry(i)), timeout).map_err(ring)?;
     }
-    producer.send(&Frame::EndOfManifest { entries: manifest.entries }, timeout).map_err(ring)?;
-    progress(&manifest);
+    producer.send(&Frame::EndOfManifest { entries: totals.entries }, timeout).map_err(ring)?;
+    progress(&totals);
 
     let mut data = DataSender {
         producer,
         frame_size,
         timeout,
-        progress: manifest,
+        progress: totals,
         report: &mut progress,
         last_report: Instant::now(),
     };
-    for x in pending.iter_mut().filter(|x| x.entry.kind == EntryKind::File) {
-        match data.send_file(x) {
+    for i in 0..manifest.len() {
+        let Some(file) = manifest.take_file(i) else { continue };
+        match data.send_file(file) {
             Ok(()) => {}
             Err(Failure::Source(e)) => {
                 // Tell the uploader to drop the batch; if even that fails, the uploader tears
@@ -91,24 +92,6 @@ pub(crate) fn send_batch<'o>(
     producer.flush();
     progress(&sent);
     Ok(Ticket { producer, seq, epoch, progress: sent, elapsed: start.elapsed() })
-}
-
-/// Re-reads every on-disk file's metadata for the manifest; nothing has been sent yet, so a
-/// vanished or retyped file simply fails the commit.
-fn refresh_metadata(pending: &mut [Pending<'_>]) -> Result<(), WriteError> {
-    for x in pending.iter_mut() {
-        if let Source::File(p) = &x.source {
-            let m = std::fs::symlink_metadata(p).map_err(|source| WriteError::Io { path: p.clone(), source })?;
-            if !m.file_type().is_file() {
-                return Err(WriteError::SourceChanged { path: p.clone(), what: "no longer a regular file".into() });
-            }
-            // The same mapping as when the file was added, from fresh metadata.
-            if let Some((entry, _)) = entry_from_metadata(std::mem::take(&mut x.entry.path), p, &m)? {
-                x.entry = entry;
-            }
-        }
-    }
-    Ok(())
 }
 
 enum Failure {
@@ -150,15 +133,15 @@ struct DataSender<'p, 'r> {
 
 impl DataSender<'_, '_> {
     /// Streams one file's data from its source.
-    fn send_file(&mut self, x: &mut Pending<'_>) -> Result<(), Failure> {
-        let origin = x.origin.as_path();
-        let size = x.entry.size;
-        let mut reader: Box<dyn Read + Send + '_> = match &mut x.source {
+    fn send_file(&mut self, file: FileData<'_>) -> Result<(), Failure> {
+        let FileData { source, size, mtime_ns, origin } = file;
+        let origin = origin.as_path();
+        let mut reader: Box<dyn Read + Send + '_> = match source {
             Source::File(path) => {
                 let f = std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW) // a file swapped for a symlink is not followed
-                    .open(&*path)
+                    .open(&path)
                     .map_err(|e| {
                         if e.kind() == ErrorKind::NotFound {
                             Failure::changed(origin, "deleted".into())
@@ -166,16 +149,15 @@ impl DataSender<'_, '_> {
                             Failure::io(origin, e)
                         }
                     })?;
-                check_unchanged(&f, &x.entry).map_err(|w| Failure::changed(origin, w))?;
+                check_unchanged(&f, size, mtime_ns).map_err(|w| Failure::changed(origin, w))?;
                 let sent = self.pump(&mut (&f), size, origin)?;
-                check_unchanged(&f, &x.entry)
+                check_unchanged(&f, size, mtime_ns)
                     .map_err(|w| Failure::changed(origin, format!("{w} while it was read")))?;
                 debug_assert_eq!(Some(sent), size);
                 return Ok(());
             }
-            Source::Bytes(b) => Box::new(std::io::Cursor::new(std::mem::take(b))),
-            Source::Reader(r) => Box::new(r),
-            Source::None => return Ok(()),
+            Source::Bytes(b) => Box::new(std::io::Cursor::new(b)),
+            Source::Reader(r) => r,
         };
         let sent = self.pump(&mut reader, size, origin)?;
         if size.is_none() {
@@ -235,13 +217,13 @@ impl DataSender<'_, '_> {
     }
 }
 
-/// Compares an open file's metadata with its manifest entry.
-fn check_unchanged(f: &File, e: &Entry) -> Result<(), String> {
+/// Compares an open file's metadata with its manifest entry's `size` and `mtime_ns`.
+fn check_unchanged(f: &File, size: Option<u64>, mtime: i64) -> Result<(), String> {
     let m = f.metadata().map_err(|err| format!("fstat failed: {err}"))?;
-    if Some(m.len()) != e.size {
-        return Err(format!("size {} in the manifest, now {}", e.size.unwrap_or(0), m.len()));
+    if Some(m.len()) != size {
+        return Err(format!("size {} in the manifest, now {}", size.unwrap_or(0), m.len()));
     }
-    if mtime_ns(&m) != e.mtime_ns {
+    if mtime_ns(&m) != mtime {
         return Err("modification time differs from the manifest".into());
     }
     Ok(())
