@@ -24,9 +24,12 @@ fn fresh_repo() -> (tempfile::TempDir, String) {
     (dir, loc)
 }
 
+/// Fills one batch.
+type Fill = Box<dyn FnOnce(&mut Batch<'_>)>;
+
 /// Sends each batch (filled by its closure) through a real segment to a serving uploader;
 /// returns the snapshot ids, in order.
-fn send(repo: &str, batches: Vec<Box<dyn FnOnce(&mut Batch<'_>)>>) -> Vec<String> {
+fn send(repo: &str, batches: Vec<Fill>) -> Vec<String> {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let seg = shm.path().join("seg");
     let stop = Arc::new(AtomicBool::new(false));
