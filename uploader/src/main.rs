@@ -159,6 +159,12 @@ enum Cmd {
         #[command(flatten)]
         prune_opts: Box<PruneOptions>,
     },
+    /// Repair the repository: rebuild its index from the packs, or cut lost data out of snapshots.
+    #[command(after_help = REPAIR_EXAMPLES)]
+    Repair {
+        #[command(subcommand)]
+        what: RepairCmd,
+    },
     /// Try the whole thing on an embedded default: a fresh local repository and segment, the
     /// uploader, `shmback-send` in a second process sending DIR twice, a verified restore.
     #[command(after_help = "Examples:\n  shmback demo\n  shmback demo ~/photos --work /tmp/demo")]
@@ -198,6 +204,48 @@ fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
     Ok(RepositoryConfig { location: given.parse()?, password: Password::new(password(cli)?), s3: s3_options(cli) })
 }
 
+const REPAIR_EXAMPLES: &str = "Examples (after `shmback check` reported damage):
+  shmback repair index                          # index files lost or wrong: rebuild from the packs
+  shmback repair snapshots --dry-run            # which snapshots reference lost data
+  shmback repair snapshots --forget             # write repaired snapshots, remove the originals";
+
+#[derive(Subcommand)]
+enum RepairCmd {
+    /// Rebuild the index from the pack files (restic's `repair index`): packs missing from the
+    /// index are read and added, entries of packs that are gone are dropped.
+    #[command(after_help = "Examples:\n  shmback repair index\n  shmback repair index --read-all --dry-run")]
+    Index {
+        /// Read every pack's header again, not only those of packs missing from the index.
+        #[arg(long)]
+        read_all: bool,
+        /// Show what would change; write nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Remove references to lost data from snapshots (restic's `repair snapshots`): a file with
+    /// blobs missing from the index keeps what is left as NAME.repaired, a lost directory becomes
+    /// empty; each changed snapshot is saved as a new one tagged `repaired`.
+    ///
+    /// Run `shmback repair index` first: only blobs missing from the index count as lost.
+    #[command(after_help = "Examples:
+  shmback repair snapshots --dry-run
+  shmback repair snapshots --forget
+  shmback repair snapshots 1a2b3c4d --suffix .damaged")]
+    Snapshots {
+        /// Snapshots to repair (id prefixes or `latest`; default: all).
+        ids: Vec<String>,
+        /// Remove the original snapshots once their repaired copies are saved.
+        #[arg(long)]
+        forget: bool,
+        /// Suffix for the name of a file that lost data.
+        #[arg(long, default_value = ".repaired")]
+        suffix: String,
+        /// Show what would change; write nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+}
+
 fn password(cli: &Cli) -> anyhow::Result<String> {
     if let Some(p) = &cli.password {
         return Ok(p.clone());
@@ -234,7 +282,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // OpenDAL's logging layer warns about every failed call, including the expected
                 // "not found" when a repository is created; its retries still show (layers).
-                .unwrap_or_else(|_| "warn,shmback_uploader=info,shmback=info,opendal::services=error".into()),
+                .unwrap_or_else(|_| {
+                    "warn,shmback_uploader=info,shmback=info,opendal::services=error,rustic_core::commands::repair=info"
+                        .into()
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -311,6 +362,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let config = repository_config(cli)?;
             commands::check(&config, *read_data)?;
             println!("no errors were found");
+        }
+        Cmd::Repair { what: RepairCmd::Index { read_all, dry_run } } => {
+            let config = repository_config(cli)?;
+            let r = commands::repair_index(&config, *read_all, *dry_run)?;
+            let verb = if *dry_run { "would rebuild" } else { "rebuilt" };
+            println!("{verb} the index: {} index files before, {} after", r.before, r.after);
+        }
+        Cmd::Repair { what: RepairCmd::Snapshots { ids, forget, suffix, dry_run } } => {
+            let config = repository_config(cli)?;
+            let r = commands::repair_snapshots(&config, ids, suffix, *forget, *dry_run)?;
+            for s in &r.written {
+                println!("saved {}", commands::snapshot_line(s));
+            }
+            let dry = if *dry_run { " (dry run: nothing written)" } else { "" };
+            println!(
+                "{} snapshots checked, {} repaired snapshots saved, {} removed{dry}",
+                r.checked,
+                r.written.len(),
+                r.removed
+            );
         }
         Cmd::Forget { keep, group_by, dry_run, prune, prune_opts } => {
             let config = repository_config(cli)?;
