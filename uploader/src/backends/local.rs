@@ -28,7 +28,7 @@ impl LocalBackend {
         let path = root.to_str().ok_or_else(|| {
             BackendError::msg(FailureKind::Configuration, format!("the repository path {} is not UTF-8", root.display()))
         })?;
-        let inner = rustic_backend::LocalBackend::new(path, [])?;
+        let inner = rustic_backend::LocalBackend::new(path, Vec::<(String, String)>::new())?;
         // restic: a group-readable config means the repository is shared with the group.
         let group = fs::metadata(root.join("config")).is_ok_and(|m| m.permissions().mode() & 0o040 != 0);
         let (dir_mode, file_mode) = if group { (0o750, 0o640) } else { (0o700, 0o600) };
