@@ -32,7 +32,9 @@ impl Password {
     pub fn resolve(sources: &PasswordSources) -> Result<Self, PasswordError> {
         let (password, source) = match (&sources.file, &sources.command) {
             (Some(_), Some(_)) => return Err(PasswordError::FileAndCommand),
-            (None, Some(command)) => (run_command(command)?, format!("the password command `{command}` printed nothing")),
+            (None, Some(command)) => {
+                (run_command(command)?, format!("the password command `{command}` printed nothing"))
+            }
             (Some(file), None) => (read_file(file)?, format!("the password file {} holds nothing", file.display())),
             (None, None) => match &sources.env {
                 Some(p) => (p.clone(), "RESTIC_PASSWORD is set but empty".to_string()),

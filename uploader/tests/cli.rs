@@ -168,7 +168,8 @@ fn answering(status: &'static str, n: usize) -> (std::net::SocketAddr, std::thre
             let mut s = stream.unwrap();
             let mut buf = [0u8; 8192];
             let _ = s.read(&mut buf);
-            let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
         }
     });
     (addr, server)
@@ -301,7 +302,11 @@ fn errors_end_cleanly_and_piped_logs_carry_no_colour() {
     assert!(!err.contains("Backtrace"), "an empty backtrace section:\n{err}");
     // A failing daemon, its stderr piped: log lines, and not one escape code.
     let seg = dir.path().join("no/such/dir/seg");
-    let o = shmback(&repo, &["run", "--segment", seg.to_str().unwrap()], &[("RESTIC_PASSWORD", "pw"), ("RUST_LOG", "debug")]);
+    let o = shmback(
+        &repo,
+        &["run", "--segment", seg.to_str().unwrap()],
+        &[("RESTIC_PASSWORD", "pw"), ("RUST_LOG", "debug")],
+    );
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("DEBUG"), "the log is there:\n{err}");

@@ -133,10 +133,7 @@ fn ring_to_s3_restores_byte_exact_through_transient_faults() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(server.faults().injected() >= 3, "faults were injected");
     assert!(log.contains("S3 request failed, retrying"), "the retries show in the log:\n{log}");
-    assert!(
-        server.faults().parts() > 0,
-        "packs of 1 MiB or more went up in multipart uploads:\n{log}"
-    );
+    assert!(server.faults().parts() > 0, "packs of 1 MiB or more went up in multipart uploads:\n{log}");
 
     let o = out(&mut shmback(&repo, &["snapshots"], SK));
     assert!(text(&o).contains("2 snapshots"), "{}", text(&o));
@@ -195,7 +192,8 @@ fn credentials_bucket_and_endpoint_errors_are_distinct() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(root.path().join("nobucket/config").is_file());
     // TLS to a server that speaks plain HTTP: the handshake fails, and the message says how to fix it.
-    let o = out(&mut shmback(&format!("s3:https://{}/bucket", server.addr()), &["snapshots", "--s3-attempts", "2"], SK));
+    let o =
+        out(&mut shmback(&format!("s3:https://{}/bucket", server.addr()), &["snapshots", "--s3-attempts", "2"], SK));
     assert_eq!(o.status.code(), Some(13), "{}", text(&o));
     assert!(text(&o).contains("TLS") && text(&o).contains("s3:http://"), "{}", text(&o));
     // Nothing listens: unreachable (after bounded retries).

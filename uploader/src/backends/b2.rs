@@ -100,7 +100,8 @@ fn bucket_id(api: &str, config: &B2Config) -> anyhow::Result<String> {
         )
         .into());
     }
-    let auth: B2Auth = resp.error_for_status().map_err(|e| anyhow::anyhow!("B2: b2_authorize_account failed: {e}"))?.json()?;
+    let auth: B2Auth =
+        resp.error_for_status().map_err(|e| anyhow::anyhow!("B2: b2_authorize_account failed: {e}"))?.json()?;
     if let Some(B2Allowed { bucket_id: Some(id), bucket_name: Some(name) }) = &auth.allowed {
         if name == bucket {
             return Ok(id.clone());
@@ -117,7 +118,8 @@ fn bucket_id(api: &str, config: &B2Config) -> anyhow::Result<String> {
         .json(&serde_json::json!({ "accountId": auth.account_id, "bucketName": bucket }))
         .send()
         .map_err(unreachable)?;
-    let list: B2Buckets = resp.error_for_status().map_err(|e| anyhow::anyhow!("B2: b2_list_buckets failed: {e}"))?.json()?;
+    let list: B2Buckets =
+        resp.error_for_status().map_err(|e| anyhow::anyhow!("B2: b2_list_buckets failed: {e}"))?.json()?;
     Ok(pick(&list, bucket)?)
 }
 
@@ -169,8 +171,8 @@ mod tests {
             let _ = s.read(&mut buf).unwrap();
             s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
         });
-        let config = B2Config::from_env("b", "", &Env::from_pairs([("B2_ACCOUNT_ID", "i"), ("B2_ACCOUNT_KEY", "k")]))
-            .unwrap();
+        let config =
+            B2Config::from_env("b", "", &Env::from_pairs([("B2_ACCOUNT_ID", "i"), ("B2_ACCOUNT_KEY", "k")])).unwrap();
         let e = bucket_id(&api, &config).unwrap_err();
         server.join().unwrap();
         let b = e.downcast_ref::<BackendError>().expect("a classified failure");

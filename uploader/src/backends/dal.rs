@@ -11,7 +11,12 @@ use super::env::Env;
 use super::failure::{BackendError, FailureKind};
 
 /// The OpenDAL `service` with `options` (values may be secrets: never log the map).
-pub fn open(service: &str, options: BTreeMap<String, String>, shown: &str, env: &Env) -> anyhow::Result<OpenDALBackend> {
+pub fn open(
+    service: &str,
+    options: BTreeMap<String, String>,
+    shown: &str,
+    env: &Env,
+) -> anyhow::Result<OpenDALBackend> {
     OpenDALBackend::new(service, options).map_err(|e| {
         let why = super::failure::without_empty_backtraces(&env.redact(&e.to_string()));
         BackendError::msg(FailureKind::Configuration, format!("configuring the {service} backend for {shown}: {why}"))

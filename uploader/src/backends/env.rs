@@ -44,7 +44,12 @@ impl Env {
     }
 
     /// The value of the first of `keys` that is set, or the error naming all of them.
-    pub fn one_of(&self, backend: &'static str, keys: &[&'static str], hint: &'static str) -> Result<String, MissingVariable> {
+    pub fn one_of(
+        &self,
+        backend: &'static str,
+        keys: &[&'static str],
+        hint: &'static str,
+    ) -> Result<String, MissingVariable> {
         keys.iter().find_map(|k| self.get(k)).ok_or_else(|| MissingVariable::new(backend, keys.join(" or "), hint))
     }
 
@@ -93,11 +98,15 @@ mod tests {
 
     #[test]
     fn empty_is_unset_and_secrets_are_masked() {
-        let env = Env::from_pairs([("B2_ACCOUNT_ID", "id"), ("B2_ACCOUNT_KEY", ""), ("AZURE_ACCOUNT_KEY", "s3cr3t-key")]);
+        let env =
+            Env::from_pairs([("B2_ACCOUNT_ID", "id"), ("B2_ACCOUNT_KEY", ""), ("AZURE_ACCOUNT_KEY", "s3cr3t-key")]);
         assert_eq!(env.get("B2_ACCOUNT_ID").as_deref(), Some("id"));
         assert_eq!(env.get("B2_ACCOUNT_KEY"), None);
         let e = env.one_of("b2", &["B2_ACCOUNT_KEY"], "the application key").unwrap_err();
-        assert_eq!(e.to_string(), "b2 repositories need B2_ACCOUNT_KEY: set it in the environment (the application key)");
+        assert_eq!(
+            e.to_string(),
+            "b2 repositories need B2_ACCOUNT_KEY: set it in the environment (the application key)"
+        );
         assert_eq!(env.redact("403 for key=s3cr3t-key&x"), "403 for key=***&x");
         assert!(!format!("{env:?}").contains("s3cr3t"), "Debug shows names only");
     }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use rustic_core::{ALL_FILE_TYPES, BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
+use rustic_core::{
+    ALL_FILE_TYPES, BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend,
+};
 
 use super::failure::{BackendError, FailureKind};
 
@@ -26,7 +28,10 @@ impl LocalBackend {
     /// The repository at `root` (created by [`WriteBackend::create`]).
     pub fn new(root: &Path) -> anyhow::Result<Self> {
         let path = root.to_str().ok_or_else(|| {
-            BackendError::msg(FailureKind::Configuration, format!("the repository path {} is not UTF-8", root.display()))
+            BackendError::msg(
+                FailureKind::Configuration,
+                format!("the repository path {} is not UTF-8", root.display()),
+            )
         })?;
         let inner = rustic_backend::LocalBackend::new(path, Vec::<(String, String)>::new())?;
         // restic: a group-readable config means the repository is shared with the group.

@@ -75,7 +75,8 @@ fn preflight(config: &RestConfig) -> anyhow::Result<()> {
     let mut client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
     if let Some(path) = config.options.get("cacert") {
         let pem = std::fs::read(path).map_err(|e| tls("RESTIC_CACERT", path, &format!("cannot be read ({e})")))?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|_| tls("RESTIC_CACERT", path, "is not a PEM certificate"))?;
+        let cert =
+            reqwest::Certificate::from_pem(&pem).map_err(|_| tls("RESTIC_CACERT", path, "is not a PEM certificate"))?;
         client = client.add_root_certificate(cert);
     }
     if let Some(path) = config.options.get("tls-client-cert") {
@@ -126,7 +127,10 @@ fn request_failure(shown: &str, e: &reqwest::Error) -> BackendError {
         "request failed"
     };
     // No answer came back, whatever the reason: the endpoint is out of reach.
-    BackendError::msg(FailureKind::Unreachable, format!("REST server {shown}: {why} ({text}); is the server running and the URL right?"))
+    BackendError::msg(
+        FailureKind::Unreachable,
+        format!("REST server {shown}: {why} ({text}); is the server running and the URL right?"),
+    )
 }
 
 #[cfg(test)]

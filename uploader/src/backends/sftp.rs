@@ -36,9 +36,10 @@ impl SftpConfig {
         }
         let known_hosts = env.get("SHMBACK_SFTP_KNOWN_HOSTS").unwrap_or_else(|| "strict".into());
         if !["strict", "add", "accept"].contains(&known_hosts.as_str()) {
-            return Err(
-                config(format!("SHMBACK_SFTP_KNOWN_HOSTS is `{known_hosts}`: use strict (default), add or accept")).into()
-            );
+            return Err(config(format!(
+                "SHMBACK_SFTP_KNOWN_HOSTS is `{known_hosts}`: use strict (default), add or accept"
+            ))
+            .into());
         }
         Ok(SftpConfig {
             user: user.map(str::to_string),

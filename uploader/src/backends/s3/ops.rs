@@ -55,7 +55,14 @@ impl S3Backend {
         let client = client(&rt, loc, &opts);
         let prefix = if loc.prefix.is_empty() { String::new() } else { format!("{}/", loc.prefix) };
         let storage_class = opts.storage_class.as_deref().map(aws_sdk_s3::types::StorageClass::from);
-        let ctx = Ctx { client, bucket: loc.bucket.clone(), endpoint: loc.endpoint(), backoff: opts.backoff(), opts, storage_class };
+        let ctx = Ctx {
+            client,
+            bucket: loc.bucket.clone(),
+            endpoint: loc.endpoint(),
+            backoff: opts.backoff(),
+            opts,
+            storage_class,
+        };
         Ok(S3Backend {
             rt,
             ctx: Arc::new(ctx),
@@ -111,7 +118,12 @@ struct Ctx {
 impl Ctx {
     /// One attempt: `request` builds the request on the client and sends it; a failure is
     /// classified (which error, and whether to retry).
-    async fn attempt<T, E, Fut>(&self, op: &'static str, key: &str, request: impl FnOnce(&Client) -> Fut) -> Result<T, Failure>
+    async fn attempt<T, E, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        request: impl FnOnce(&Client) -> Fut,
+    ) -> Result<T, Failure>
     where
         Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -236,9 +248,11 @@ impl Ctx {
                     let constraint = BucketLocationConstraint::from(region.as_str());
                     CreateBucketConfiguration::builder().location_constraint(constraint).build()
                 });
-                self.call("create bucket", b, |c| c.create_bucket().bucket(b).set_create_bucket_configuration(conf.clone()).send())
-                    .await
-                    .map(|_| ())
+                self.call("create bucket", b, |c| {
+                    c.create_bucket().bucket(b).set_create_bucket_configuration(conf.clone()).send()
+                })
+                .await
+                .map(|_| ())
             }
             Err(S3Error::NotFound { .. } | S3Error::NoSuchBucket { .. }) => {
                 Err(S3Error::NoSuchBucket { endpoint: self.endpoint.clone(), bucket: b.clone() })
@@ -281,10 +295,13 @@ impl ReadBackend for S3Backend {
         let range = format!("bytes={}-{}", offset, u64::from(offset) + u64::from(length) - 1);
         let got = self.rt.block_on(self.ctx.get(&self.key(tpe, id), Some(range))).map_err(rustic_err)?;
         if got.len() != length as usize {
-            return Err(RusticError::new(ErrorKind::Backend, "S3 returned {got} bytes for a range of {want} in `{key}`")
-                .attach_context("got", got.len().to_string())
-                .attach_context("want", length.to_string())
-                .attach_context("key", self.key(tpe, id)));
+            return Err(RusticError::new(
+                ErrorKind::Backend,
+                "S3 returned {got} bytes for a range of {want} in `{key}`",
+            )
+            .attach_context("got", got.len().to_string())
+            .attach_context("want", length.to_string())
+            .attach_context("key", self.key(tpe, id)));
         }
         Ok(got)
     }
@@ -340,7 +357,10 @@ impl WriteBackend for S3Backend {
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
         let key = self.key(tpe, id);
         let (ctx, k) = (&*self.ctx, key.as_str());
-        self.rt.block_on(ctx.call("delete", k, |c| c.delete_object().bucket(&ctx.bucket).key(k).send())).map(|_| ()).map_err(rustic_err)
+        self.rt
+            .block_on(ctx.call("delete", k, |c| c.delete_object().bucket(&ctx.bucket).key(k).send()))
+            .map(|_| ())
+            .map_err(rustic_err)
     }
 }
 

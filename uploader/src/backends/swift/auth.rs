@@ -158,15 +158,21 @@ impl SwiftAuth {
                 })
             }
             SwiftAuth::V2 { url, body, region, interface } => {
-                let resp =
-                    client()?.post(url).json(body).send().map_err(|e| unreachable("Keystone v2 (OS_AUTH_URL)", url, e))?;
+                let resp = client()?
+                    .post(url)
+                    .json(body)
+                    .send()
+                    .map_err(|e| unreachable("Keystone v2 (OS_AUTH_URL)", url, e))?;
                 let answer: serde_json::Value =
                     auth_status(resp, "OS_USERNAME / OS_PASSWORD / OS_TENANT_NAME")?.json()?;
                 keystone_v2_session(&answer, region.as_deref(), interface)
             }
             SwiftAuth::V3 { url, body, region, interface } => {
-                let resp =
-                    client()?.post(url).json(body).send().map_err(|e| unreachable("Keystone v3 (OS_AUTH_URL)", url, e))?;
+                let resp = client()?
+                    .post(url)
+                    .json(body)
+                    .send()
+                    .map_err(|e| unreachable("Keystone v3 (OS_AUTH_URL)", url, e))?;
                 let resp = auth_status(resp, "the OS_* credentials")?;
                 let token = resp
                     .headers()
