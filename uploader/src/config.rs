@@ -42,7 +42,7 @@ impl Password {
             },
         };
         if password.is_empty() {
-            return Err(PasswordError::Empty { source });
+            return Err(PasswordError::Empty { what: source });
         }
         Ok(Password(password))
     }
@@ -105,10 +105,10 @@ pub enum PasswordError {
         what: String,
     },
     /// An empty password.
-    #[error("an empty password is not a password: {source}; put the repository's password there")]
+    #[error("an empty password is not a password: {what}; put the repository's password there")]
     Empty {
         /// Which source was empty.
-        source: String,
+        what: String,
     },
     /// No source at all.
     #[error(

@@ -200,7 +200,7 @@ mod tests {
         created.unwrap();
         written.unwrap();
         config.unwrap();
-        for d in ["", "data", "data/00", "data/ff", "keys", "snapshots", "index", "locks"] {
+        for d in ["", "data", "data/00", "data/ff", "keys", "snapshots", "index"] {
             assert_eq!(mode(&root.join(d)), 0o700, "{d}");
         }
         assert_eq!(mode(&root.join("config")), 0o400);
