@@ -1,5 +1,6 @@
 //! `shmback`: the uploader and its repository commands.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,30 +11,32 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
-use shmback_uploader::s3::{Provider, S3Error, S3Options};
+use shmback_uploader::backends::env::Env;
+use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
+use shmback_uploader::backends::s3::{Provider, S3Options};
+use shmback_uploader::config::PasswordSources;
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
 ///
 /// The repository and its password are given the way restic takes them (RESTIC_REPOSITORY,
-/// RESTIC_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD_COMMAND, or the flags below); restic
-/// 0.14+ and rustic read what shmback writes.
+/// RESTIC_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD_COMMAND, or the flags below; as in
+/// restic, there is no flag for the password itself: it would show in `ps`); restic 0.14+ and
+/// rustic read what shmback writes.
 #[derive(Parser)]
-#[command(name = "shmback", version, after_help = TOP_EXAMPLES)]
+#[command(name = "shmback", version, after_help = format!("{TOP_EXAMPLES}\n\n{EXIT_STATUS_HELP}"))]
 struct Cli {
     /// Repository: a directory, `local:PATH`, `s3:[http(s)://]host[:port]/bucket[/prefix]`,
     /// `gs:bucket:/prefix`, `azure:container:/prefix`, `swift:container:/prefix`, `b2:bucket:prefix`,
     /// `sftp:user@host:/path`, `rest:http://host:port/path` or `rclone:remote:path` (README, "Backends").
-    #[arg(short, long, global = true, env = "RESTIC_REPOSITORY")]
+    // Its value is hidden in the help: a rest: URL may hold a password.
+    #[arg(short, long, global = true, env = "RESTIC_REPOSITORY", hide_env_values = true)]
     repo: Option<String>,
-    /// Repository password.
-    #[arg(long, global = true, env = "RESTIC_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// File holding the repository password (first line).
+    /// File holding the repository password (its content, whitespace-trimmed, as restic reads it).
     #[arg(long, global = true, env = "RESTIC_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
-    /// Shell command printing the repository password (first line of its output).
-    #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND")]
+    /// Shell command printing the repository password (its output, whitespace-trimmed).
+    #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND", hide_env_values = true)]
     password_command: Option<String>,
     /// S3: which implementation is behind the endpoint (auto: AWS for *.amazonaws.com, else generic).
     #[arg(long, global = true, env = "SHMBACK_S3_PROVIDER", value_enum, default_value_t = Provider::Auto)]
@@ -201,7 +204,18 @@ fn s3_options(cli: &Cli) -> S3Options {
 /// The repository every command but the demo works on: parsed here, once.
 fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
     let given = cli.repo.as_deref().context("no repository: set RESTIC_REPOSITORY or --repo")?;
-    Ok(RepositoryConfig { location: given.parse()?, password: Password::new(password(cli)?), s3: s3_options(cli) })
+    let sources = PasswordSources {
+        file: cli.password_file.clone(),
+        command: cli.password_command.clone(),
+        // Set but empty counts: restic refuses an empty password rather than ignoring the variable.
+        env: std::env::var_os("RESTIC_PASSWORD").map(|v| v.to_string_lossy().into_owned()),
+    };
+    Ok(RepositoryConfig {
+        location: given.parse()?,
+        password: Password::resolve(&sources)?,
+        s3: s3_options(cli),
+        env: Env::process(),
+    })
 }
 
 const REPAIR_EXAMPLES: &str = "Examples (after `shmback check` reported damage):
@@ -246,36 +260,6 @@ enum RepairCmd {
     },
 }
 
-fn password(cli: &Cli) -> anyhow::Result<String> {
-    if let Some(p) = &cli.password {
-        return Ok(p.clone());
-    }
-    match (&cli.password_file, &cli.password_command) {
-        (Some(_), Some(_)) => anyhow::bail!(
-            "both a password file and a password command are set (RESTIC_PASSWORD_FILE / \
-             RESTIC_PASSWORD_COMMAND or their flags): keep one"
-        ),
-        (Some(f), None) => {
-            let s = std::fs::read_to_string(f).with_context(|| format!("reading the password file {}", f.display()))?;
-            Ok(s.lines().next().unwrap_or_default().to_string())
-        }
-        (None, Some(cmd)) => {
-            let out = std::process::Command::new("sh")
-                .args(["-c", cmd])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running the password command `{cmd}`"))?;
-            anyhow::ensure!(out.status.success(), "the password command `{cmd}` failed ({})", out.status);
-            let s = String::from_utf8(out.stdout).context("the password command printed something not UTF-8")?;
-            Ok(s.lines().next().unwrap_or_default().to_string())
-        }
-        (None, None) => anyhow::bail!(
-            "no repository password: set RESTIC_PASSWORD, RESTIC_PASSWORD_FILE or RESTIC_PASSWORD_COMMAND \
-             (or --password-file / --password-command)"
-        ),
-    }
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -288,18 +272,22 @@ fn main() -> ExitCode {
                 }),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal only: piped into a log, escape codes are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // A storage error gets its own message and exit status (README, "Exit status").
-            if let Some(s3) = e.chain().find_map(|c| c.downcast_ref::<S3Error>()) {
-                eprintln!("shmback: {s3}");
-                return ExitCode::from(s3.exit_code());
-            }
-            eprintln!("shmback: {e:#}");
-            ExitCode::FAILURE
+            // A backend failure gets its own exit status whichever backend failed (README, "Exit
+            // status"); a classified one speaks for itself (its message names the cause and fix).
+            let (code, message) = match classify(&e) {
+                Some((kind, Some(message))) => (kind.exit_code(), message),
+                Some((kind, None)) => (kind.exit_code(), format!("{e:#}")),
+                None => (1, format!("{e:#}")),
+            };
+            eprintln!("shmback: {}", without_empty_backtraces(&message));
+            ExitCode::from(code)
         }
     }
 }

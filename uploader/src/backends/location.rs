@@ -1,8 +1,6 @@
-//! Repository locations in restic's syntax, and the credentials each backend takes from the
-//! environment (restic's and Kubernetes backup operators' variable names).
-//!
-//! Parsing is separate from building a backend so every form is testable without a server, and
-//! so a missing variable is reported by name before anything connects.
+//! Repository locations in restic's syntax: parsing, and the form shown in messages (a REST URL's
+//! password masked). Parsing is separate from building a backend so every form is testable
+//! without a server; this module needs nothing from the backends.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -264,116 +262,10 @@ impl fmt::Display for Location {
                 }
             }
             // Shown in messages and logs: a password in the URL is masked.
-            Location::Rest { url } => write!(f, "rest:{}", crate::remote::redact(url)),
+            Location::Rest { url } => write!(f, "rest:{}", redact_url(url)),
             Location::Rclone { remote } => write!(f, "rclone:{remote}"),
         }
     }
-}
-
-/// A variable a backend needs that is not set.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{backend} repositories need {need}: set it in the environment ({hint})")]
-pub struct MissingVariable {
-    /// The backend.
-    pub backend: &'static str,
-    /// The variable(s), e.g. `AZURE_ACCOUNT_KEY or AZURE_ACCOUNT_SAS`.
-    pub need: String,
-    /// Where the value comes from.
-    pub hint: &'static str,
-}
-
-/// Credentials found in the environment for a location, as `(variable, value)` pairs in the order
-/// they were looked up (values are secrets: never log them).
-pub type Found = Vec<(&'static str, String)>;
-
-/// Looks up the variables `location` needs with `env` (normally `std::env::var`), naming the first
-/// one missing. S3 takes the AWS SDK's chain (variables, profiles, files, instance roles), which
-/// cannot be judged from variables alone, so it needs none here.
-pub fn credentials(location: &Location, env: impl Fn(&str) -> Option<String>) -> Result<Found, MissingVariable> {
-    let get = |k: &'static str| env(k).filter(|v| !v.is_empty()).map(|v| (k, v));
-    let one_of = |backend: &'static str, keys: &[&'static str], hint: &'static str| {
-        keys.iter().find_map(|k| get(k)).ok_or_else(|| MissingVariable { backend, need: keys.join(" or "), hint })
-    };
-    let mut found = Found::new();
-    match location {
-        Location::Local(_) | Location::S3(_) | Location::Rest { .. } | Location::Rclone { .. } => {}
-        Location::Sftp { .. } => {}
-        Location::Gcs { .. } => {
-            // A service-account JSON (a path, or the JSON itself), or an access token. restic also
-            // reads GOOGLE_PROJECT_ID, which only creating a bucket needs: optional here.
-            found.push(one_of(
-                "gs",
-                &["GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_ACCESS_TOKEN"],
-                "a service-account JSON file path, or an OAuth access token",
-            )?);
-            found.extend(get("GOOGLE_PROJECT_ID"));
-        }
-        Location::Azure { .. } => {
-            found.push(one_of("azure", &["AZURE_ACCOUNT_NAME"], "the storage account")?);
-            found.push(one_of("azure", &["AZURE_ACCOUNT_KEY", "AZURE_ACCOUNT_SAS"], "the account key or a SAS token")?);
-            if let Some(x) = get("AZURE_ENDPOINT_SUFFIX") {
-                found.push(x);
-            }
-        }
-        Location::B2 { .. } => {
-            found.push(one_of("b2", &["B2_ACCOUNT_ID"], "the application key id")?);
-            found.push(one_of("b2", &["B2_ACCOUNT_KEY"], "the application key")?);
-        }
-        Location::Swift { .. } => found.extend(swift_credentials(&get)?),
-    }
-    Ok(found)
-}
-
-/// Swift's three ways, in restic's order: a pre-authenticated storage URL and token, v1 auth
-/// (`ST_*`), Keystone v2/v3 (`OS_*`).
-fn swift_credentials(get: &impl Fn(&'static str) -> Option<(&'static str, String)>) -> Result<Found, MissingVariable> {
-    let miss = |need: &str, hint| Err(MissingVariable { backend: "swift", need: need.to_string(), hint });
-    let all = |keys: &[&'static str]| keys.iter().map(|k| get(k)).collect::<Option<Vec<_>>>();
-    if let Some(v) = all(&["OS_STORAGE_URL", "OS_AUTH_TOKEN"]) {
-        return Ok(v);
-    }
-    if get("ST_AUTH").is_some() {
-        return match all(&["ST_AUTH", "ST_USER", "ST_KEY"]) {
-            Some(v) => Ok(v),
-            None => miss("ST_USER and ST_KEY (with ST_AUTH)", "v1 authentication"),
-        };
-    }
-    if get("OS_AUTH_URL").is_none() {
-        return miss(
-            "OS_AUTH_URL (Keystone), ST_AUTH/ST_USER/ST_KEY (v1) or OS_STORAGE_URL/OS_AUTH_TOKEN",
-            "the OpenStack credentials of the container's project",
-        );
-    }
-    let mut found: Found = vec![get("OS_AUTH_URL").expect("checked")];
-    // Application credentials (v3) need no user.
-    if let Some(v) = all(&["OS_APPLICATION_CREDENTIAL_ID", "OS_APPLICATION_CREDENTIAL_SECRET"]) {
-        found.extend(v);
-        return Ok(found);
-    }
-    for (keys, hint) in
-        [(&["OS_USERNAME", "OS_USER_ID"][..], "the Keystone user"), (&["OS_PASSWORD"][..], "the Keystone password")]
-    {
-        match keys.iter().find_map(|k| get(k)) {
-            Some(x) => found.push(x),
-            None => return miss(&keys.join(" or "), hint),
-        }
-    }
-    // v3 scopes the token to a project and domain; v2 to a tenant.
-    for k in [
-        "OS_PROJECT_NAME",
-        "OS_PROJECT_ID",
-        "OS_TENANT_NAME",
-        "OS_TENANT_ID",
-        "OS_USER_DOMAIN_NAME",
-        "OS_USER_DOMAIN_ID",
-        "OS_PROJECT_DOMAIN_NAME",
-        "OS_PROJECT_DOMAIN_ID",
-        "OS_REGION_NAME",
-        "OS_INTERFACE",
-    ] {
-        found.extend(get(k));
-    }
-    Ok(found)
 }
 
 /// `given` as it may be shown in messages and logs (a REST URL's password masked).
@@ -384,25 +276,14 @@ pub fn shown(given: &str) -> String {
     }
 }
 
-/// Builds the backends for `location`, checking the environment first.
-pub fn open_backends(
-    location: &Location,
-    s3: &crate::s3::S3Options,
-) -> anyhow::Result<rustic_core::RepositoryBackends> {
-    match location {
-        Location::Local(path) => {
-            let path =
-                path.to_str().ok_or_else(|| anyhow::anyhow!("the repository path {} is not UTF-8", path.display()))?;
-            Ok(rustic_backend::BackendOptions::default().repository(format!("local:{path}")).to_backends()?)
+/// A URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
         }
-        Location::S3(loc) => {
-            let be = crate::s3::S3Backend::new(loc, s3.clone())?;
-            Ok(rustic_core::RepositoryBackends::new(std::sync::Arc::new(be), None))
-        }
-        other => {
-            let be = crate::remote::open(other, &crate::remote::process_env)?;
-            Ok(rustic_core::RepositoryBackends::new(be, None))
-        }
+        _ => url.to_string(),
     }
 }
 
@@ -508,61 +389,12 @@ mod tests {
         assert_eq!(loc("s3:http://127.0.0.1:9000/b12/p").endpoint(), "http://127.0.0.1:9000");
     }
 
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-    }
-
-    #[test]
-    fn missing_variables_name_themselves() {
-        let gs: Location = "gs:b:/p".parse().unwrap();
-        let e = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p")])).unwrap_err();
-        assert!(e.to_string().contains("GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_ACCESS_TOKEN"), "{e}");
-        let ok = credentials(&gs, env(&[("GOOGLE_PROJECT_ID", "p"), ("GOOGLE_APPLICATION_CREDENTIALS", "/sa.json")]));
-        assert_eq!(ok.unwrap().len(), 2);
-        assert!(credentials(&gs, env(&[("GOOGLE_ACCESS_TOKEN", "t")])).is_ok());
-
-        let az: Location = "azure:c:/p".parse().unwrap();
-        let e = credentials(&az, env(&[("AZURE_ACCOUNT_NAME", "acct")])).unwrap_err();
-        assert!(e.to_string().contains("AZURE_ACCOUNT_KEY or AZURE_ACCOUNT_SAS"), "{e}");
-        assert!(credentials(&az, env(&[("AZURE_ACCOUNT_NAME", "a"), ("AZURE_ACCOUNT_SAS", "s")])).is_ok());
-
-        let b2: Location = "b2:bucket".parse().unwrap();
-        let e = credentials(&b2, env(&[("B2_ACCOUNT_ID", "id"), ("B2_ACCOUNT_KEY", "")])).unwrap_err();
-        assert!(e.to_string().contains("B2_ACCOUNT_KEY"), "an empty variable counts as missing: {e}");
-    }
-
-    #[test]
-    fn swift_takes_storage_url_v1_or_keystone() {
-        let sw: Location = "swift:c:/p".parse().unwrap();
-        let e = credentials(&sw, env(&[])).unwrap_err();
-        assert!(e.to_string().contains("OS_AUTH_URL"), "{e}");
-        let v = credentials(&sw, env(&[("OS_STORAGE_URL", "https://x/v1/AUTH_p"), ("OS_AUTH_TOKEN", "t")])).unwrap();
-        assert_eq!(v.iter().map(|x| x.0).collect::<Vec<_>>(), ["OS_STORAGE_URL", "OS_AUTH_TOKEN"]);
-        let e = credentials(&sw, env(&[("ST_AUTH", "https://x/auth/v1.0"), ("ST_USER", "u")])).unwrap_err();
-        assert!(e.to_string().contains("ST_USER and ST_KEY"), "{e}");
-        assert_eq!(credentials(&sw, env(&[("ST_AUTH", "a"), ("ST_USER", "u"), ("ST_KEY", "k")])).unwrap().len(), 3);
-        // Keystone v3 with a project and domains; v2 with a tenant.
-        let v3 = [
-            ("OS_AUTH_URL", "https://keystone:5000/v3"),
-            ("OS_USERNAME", "u"),
-            ("OS_PASSWORD", "p"),
-            ("OS_PROJECT_NAME", "proj"),
-            ("OS_USER_DOMAIN_NAME", "Default"),
-            ("OS_PROJECT_DOMAIN_NAME", "Default"),
-            ("OS_REGION_NAME", "RegionOne"),
-        ];
-        assert_eq!(credentials(&sw, env(&v3)).unwrap().len(), 7);
-        let v2 =
-            [("OS_AUTH_URL", "https://k/v2.0"), ("OS_USERNAME", "u"), ("OS_PASSWORD", "p"), ("OS_TENANT_NAME", "t")];
-        assert_eq!(credentials(&sw, env(&v2)).unwrap().len(), 4);
-        let e = credentials(&sw, env(&[("OS_AUTH_URL", "https://k/v3"), ("OS_USERNAME", "u")])).unwrap_err();
-        assert!(e.to_string().contains("OS_PASSWORD"), "{e}");
-    }
-
     #[test]
     fn rest_passwords_are_not_shown() {
         assert_eq!(shown("rest:https://u:secret@h:8000/r"), "rest:https://u:***@h:8000/r");
         assert_eq!(shown("/srv/repo"), "local:/srv/repo");
+        assert_eq!(redact_url("https://me:secret@host/r"), "https://me:***@host/r");
+        assert_eq!(redact_url("https://host/r"), "https://host/r");
     }
 
     #[test]
