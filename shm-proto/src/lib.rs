@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod fault;
 pub mod frame;
 #[doc(hidden)]
 #[cfg(not(loom))]
@@ -47,6 +48,8 @@ pub mod model;
 pub mod ring;
 #[cfg(not(loom))]
 pub mod segment;
+#[cfg(not(loom))]
+mod sigbus;
 mod sync;
 #[cfg(not(loom))]
 mod sys;
