@@ -3,7 +3,9 @@
 //! Creation is atomic: the creator builds and initialises the file unnamed (`O_TMPFILE`, or a
 //! private temporary name where that is unsupported), publishes READY, and only then links it at
 //! the agreed path; if the other side linked first, the creator drops its copy and attaches. So no
-//! one can open a half-initialised segment. Attach validates everything before trusting it.
+//! one can open a half-initialised segment. Attach checks owner and mode, reads and validates the
+//! header with `pread` before mapping anything, maps under the SIGBUS guard (`crate::sigbus`),
+//! and, as consumer, re-initialises a segment its producer damaged once that producer is gone.
 
 use std::fs::{File, OpenOptions};
 use std::io;
