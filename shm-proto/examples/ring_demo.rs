@@ -162,7 +162,10 @@ mod demo {
                 if n == 0 {
                     // The reservation is dropped uncommitted: nothing of it becomes visible.
                     let _ = r;
-                    p.send(&Frame::Abort { code: 3, reason: format!("{} shrank while read", full.display()) }, TIMEOUT)?;
+                    p.send(
+                        &Frame::Abort { code: 3, reason: format!("{} shrank while read", full.display()) },
+                        TIMEOUT,
+                    )?;
                     return Err(format!("{} shrank while it was read; batch aborted", full.display()).into());
                 }
                 sum = fnv(sum, &r[..n]);

@@ -101,7 +101,7 @@ fn component(b: &mut Bytes<'_>) -> Vec<u8> {
 
 fn hostile_path(b: &mut Bytes<'_>) -> Vec<u8> {
     let mut p = Vec::new();
-    if b.u8() % 8 == 0 {
+    if b.u8().is_multiple_of(8) {
         p.push(b'/');
     }
     for i in 0..(b.u8() % 5) {
@@ -110,7 +110,7 @@ fn hostile_path(b: &mut Bytes<'_>) -> Vec<u8> {
         }
         p.extend(component(b));
     }
-    if b.u8() % 16 == 0 {
+    if b.u8().is_multiple_of(16) {
         p.push(b'/');
     }
     p
@@ -137,12 +137,12 @@ fn hostile_entry(b: &mut Bytes<'_>) -> Vec<u8> {
         _ => b.u64(),
     };
     let path = hostile_path(b);
-    let target = if kind == 3 || b.u8() % 8 == 0 { hostile_path(b) } else { Vec::new() };
+    let target = if kind == 3 || b.u8().is_multiple_of(8) { hostile_path(b) } else { Vec::new() };
     let (mut path_len, mut target_len) = (path.len() as u16, target.len() as u16);
-    if b.u8() % 16 == 0 {
+    if b.u8().is_multiple_of(16) {
         path_len = path_len.wrapping_add(b.u16());
     }
-    if b.u8() % 16 == 0 {
+    if b.u8().is_multiple_of(16) {
         target_len = target_len.wrapping_add(b.u16());
     }
     let mut e = vec![kind, flags];

@@ -452,7 +452,8 @@ impl Segment {
                 }
                 Verdict::Damaged(d) => d,
             };
-            let held = |role| sys::byte_locked_by_other(&file, lock_byte(role)).map_err(io_err("locking segment", path));
+            let held =
+                |role| sys::byte_locked_by_other(&file, lock_byte(role)).map_err(io_err("locking segment", path));
             let (producer_held, consumer_held) = (held(Role::Producer)?, held(Role::Consumer)?);
             if producer_held && consumer_held && start.elapsed() < opts.ready_timeout {
                 // Both role locks held: a reset, which holds both while it re-initialises, may be
@@ -800,9 +801,8 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata, group_flags: Option<u32>) 
     if meta.uid() == euid {
         return Ok(());
     }
-    let group_shared = group_flags.is_some_and(|f| f & FLAG_GROUP_SHARED != 0)
-        && mode & 0o060 == 0o060
-        && sys::in_group(meta.gid());
+    let group_shared =
+        group_flags.is_some_and(|f| f & FLAG_GROUP_SHARED != 0) && mode & 0o060 == 0o060 && sys::in_group(meta.gid());
     if group_shared {
         return Ok(());
     }

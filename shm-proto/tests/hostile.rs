@@ -161,7 +161,14 @@ fn an_unrelated_sigbus_still_kills_the_process() {
         f.set_len(4096).unwrap();
         // SAFETY: maps 4096 bytes of a file we own, shared and readable; unmapped by process exit.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&f), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
         };
         assert_ne!(p, libc::MAP_FAILED);
         f.set_len(0).unwrap();
@@ -187,7 +194,8 @@ fn a_restarted_consumer_reinitialises_a_damaged_segment() {
     let cap = 16 << 10;
     let full = HEADER_SIZE + cap as u64 + (64 << 10);
     // With the header gone the old generation is unknown: the new one starts at 1 again.
-    let damages: [(&str, &dyn Fn(&Path), u64); 7] = [
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let damages: [(&str, Damage, u64); 7] = [
         ("truncated to zero", &|p| ftruncate(p, 0), 1),
         ("truncated to half", &|p| ftruncate(p, full / 2), 2),
         ("truncated inside the header", &|p| ftruncate(p, 100), 2),
