@@ -10,15 +10,12 @@
 pub mod commands;
 pub mod config;
 pub mod demo;
-pub mod engine;
-pub mod gate;
 pub mod location;
-pub mod node;
 pub mod progress;
 pub mod remote;
 pub mod repository;
 pub mod s3;
-pub mod source;
+pub mod serve;
 
 pub use config::{Password, RepositoryConfig};
-pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};
+pub use serve::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};
