@@ -9,8 +9,11 @@
 //! - [`layout`]: the header's byte layout (every field an atomic; checked offsets).
 //! - [`ring`]: the SPSC ring protocol over any [`ring::Memory`] — reserve/commit, peek/release,
 //!   spin-then-futex waiting, peer liveness, the durable-ack reverse channel.
-//! - [`segment`] (not under loom): the /dev/shm file — atomic creation, validation on attach,
-//!   OFD-lock liveness — implementing [`ring::Memory`].
+//! - [`segment`] (not under loom): the /dev/shm file — atomic creation; on attach the owner/mode
+//!   rules, the header read and validated before anything is mapped, the repair of a segment its
+//!   producer damaged; OFD-lock liveness — implementing [`ring::Memory`].
+//! - [`fault`]: the lock-free table behind the process-wide SIGBUS guard, which turns a segment
+//!   truncated under its mapping into [`RingError::SegmentDamaged`] instead of a crash.
 //! - [`frame`]: the frame header and the codec of each batch frame type.
 //! - [`batch`]: the batch state machine a consumer feeds decoded frames to.
 //! - [`model`]: the ring on the heap, for loom models, miri and property tests.
@@ -38,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod fault;
 pub mod frame;
 #[doc(hidden)]
 #[cfg(not(loom))]
@@ -47,6 +51,8 @@ pub mod model;
 pub mod ring;
 #[cfg(not(loom))]
 pub mod segment;
+#[cfg(not(loom))]
+mod sigbus;
 mod sync;
 #[cfg(not(loom))]
 mod sys;

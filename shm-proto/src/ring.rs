@@ -85,6 +85,12 @@ pub unsafe trait Memory {
     fn wake(&self, word: &AtomicU32);
     /// Whether the process holding `role` is alive (holds its lock).
     fn peer_alive(&self, role: Role) -> bool;
+    /// `Some(name of the memory)` once its backing was found truncated or replaced and the bytes
+    /// now read as zeros (the segment's SIGBUS guard sets this); every ring operation then fails
+    /// with [`RingError::SegmentDamaged`]. Memory that cannot be damaged keeps the default.
+    fn truncated(&self) -> Option<String> {
+        None
+    }
 }
 
 // SAFETY: delegates every method to `T`, which upholds the contract.
@@ -119,6 +125,9 @@ unsafe impl<T: Memory> Memory for std::sync::Arc<T> {
     }
     fn peer_alive(&self, role: Role) -> bool {
         (**self).peer_alive(role)
+    }
+    fn truncated(&self) -> Option<String> {
+        (**self).truncated()
     }
 }
 
@@ -180,6 +189,17 @@ pub enum RingError {
     /// A frame could not be encoded.
     #[error(transparent)]
     Codec(#[from] crate::frame::CodecError),
+    /// The segment's file was truncated (or replaced) under the mapping; what this side read since
+    /// is zeros. Drop this side and attach again: a consumer attaching re-initialises the segment
+    /// once its producer is gone. Nothing in the ring was acknowledged, so nothing is lost.
+    #[error(
+        "segment {segment} was truncated or replaced by its producer while mapped; its batch is rejected, \
+         the segment is re-created on the next attach"
+    )]
+    SegmentDamaged {
+        /// The segment (its path).
+        segment: String,
+    },
     /// The consumer rejected the batch (no snapshot was made).
     #[error("the uploader rejected batch {seq}: {code}")]
     Rejected {
@@ -300,6 +320,11 @@ fn block_until<M: Memory>(
             me.fetch_and(!1, Ordering::Relaxed);
             return Ok(());
         }
+        // Zeros read from a truncated segment can look like "nothing yet" forever.
+        if let Err(e) = intact(mem) {
+            me.fetch_and(!1, Ordering::Relaxed);
+            return Err(e);
+        }
         let now = Instant::now();
         if liveness == Liveness::Check && now.duration_since(last_check) >= cfg.tick {
             last_check = now;
@@ -321,6 +346,14 @@ fn block_until<M: Memory>(
         if ready() {
             return Ok(());
         }
+    }
+}
+
+/// `SegmentDamaged` once the memory was found truncated: whatever was read since is zeros.
+fn intact<M: Memory>(mem: &M) -> Result<(), RingError> {
+    match mem.truncated() {
+        None => Ok(()),
+        Some(segment) => Err(RingError::SegmentDamaged { segment }),
     }
 }
 
@@ -441,9 +474,11 @@ impl<M: Memory> Producer<M> {
         if self.st.free() < need {
             self.st.observe_tail(self.mem.shared().tail.load(Ordering::Acquire))?;
             if self.st.free() < need {
+                intact(&self.mem)?;
                 return Ok(None);
             }
         }
+        intact(&self.mem)?;
         Ok(Some(self.reserve_unchecked(kind, len, total)))
     }
 
@@ -479,10 +514,12 @@ impl<M: Memory> Producer<M> {
                     bad.is_some() || st.free() >= need
                 })?;
                 if let Some(e) = bad {
+                    intact(&self.mem)?;
                     return Err(e);
                 }
             }
         }
+        intact(&self.mem)?;
         Ok(self.reserve_unchecked(kind, len, total))
     }
 
@@ -512,7 +549,13 @@ impl<M: Memory> Producer<M> {
         let mut r = self.reserve(frame.kind(), frame.encoded_len(), timeout)?;
         frame.encode(&mut r)?;
         r.commit();
-        Ok(())
+        intact(&self.mem)
+    }
+
+    /// `Err(SegmentDamaged)` if the segment was found truncated under this side (every other
+    /// operation returning a `Result` checks this too).
+    pub fn check_intact(&self) -> Result<(), RingError> {
+        intact(&self.mem)
     }
 
     /// Publishes every committed frame and wakes the consumer if it sleeps.
@@ -585,7 +628,8 @@ impl<M: Memory> Producer<M> {
             Liveness::Ignore,
             deadline(timeout),
             ready,
-        )
+        )?;
+        intact(mem)
     }
 
     /// Waits until the consumer reports batch `seq` durable (returns the snapshot id) or rejected.
@@ -621,6 +665,8 @@ impl<M: Memory> Producer<M> {
                 for (chunk, word) in id.chunks_exact_mut(8).zip(&sh.reverse.durable_id) {
                     chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
                 }
+                // An id read from zero pages is no acknowledgement.
+                intact(&self.mem)?;
                 Ok(id)
             }
             Some(Err(e)) => Err(e),
@@ -788,6 +834,7 @@ impl<M: Memory> Consumer<M> {
                 if self.st.tail == self.st.cached_head {
                     // Drained: give the producer all the room before it has to ask.
                     publish_tail(&self.mem, &mut self.st);
+                    intact(&self.mem)?;
                     return Ok(None);
                 }
             }
@@ -831,6 +878,8 @@ impl<M: Memory> Consumer<M> {
                 self.st.tail += total as u64;
                 continue;
             }
+            // The header just copied must not come from zero pages.
+            intact(&self.mem)?;
             // SAFETY: checked above: [idx + 8, idx + 8 + len) is inside the ring and published.
             let payload = unsafe { self.mem.read(idx + FRAME_HEADER_LEN, len) };
             return Ok(Some(FrameRef { st: &mut self.st, kind: header.kind, pos, payload, total }));
@@ -839,7 +888,11 @@ impl<M: Memory> Consumer<M> {
 
     fn corrupt(&mut self, pos: u64, what: String) -> RingError {
         self.discard_published();
-        RingError::Corrupt { pos, what }
+        // Zeros from a truncated segment look corrupt; say what really happened.
+        match intact(&self.mem) {
+            Ok(()) => RingError::Corrupt { pos, what },
+            Err(e) => e,
+        }
     }
 
     /// Drops everything published so far (after corruption, or to skip a torn batch).
@@ -852,6 +905,7 @@ impl<M: Memory> Consumer<M> {
     /// Waits up to `timeout` until a frame is readable. `PeerGone` means the producer is dead and
     /// the ring is drained: whatever batch it had open is torn.
     pub fn wait(&mut self, timeout: Duration) -> Result<(), RingError> {
+        intact(&self.mem)?;
         if self.st.tail != self.st.cached_head {
             return Ok(());
         }
@@ -861,7 +915,8 @@ impl<M: Memory> Consumer<M> {
         block_until(mem, &self.cfg, &sh.consumer.wake, Role::Producer, Liveness::Check, deadline(timeout), || {
             st.cached_head = sh.head.load(Ordering::Acquire);
             st.cached_head != st.tail
-        })
+        })?;
+        intact(mem)
     }
 
     /// Waits up to `timeout` for the next frame and returns it.
@@ -877,6 +932,7 @@ impl<M: Memory> Consumer<M> {
         }
         let pos = self.st.tail;
         // Only a producer rewriting published bytes can make the frame vanish between peeks.
+        intact(&self.mem)?;
         self.peek()?.ok_or_else(|| RingError::Corrupt { pos, what: "published frame changed while being read".into() })
     }
 
@@ -889,6 +945,13 @@ impl<M: Memory> Consumer<M> {
         publish_tail(&self.mem, &mut self.st);
     }
 
+    /// `Err(SegmentDamaged)` if the segment was found truncated under this side. `peek`, `wait`
+    /// and `recv` check this too; call it after reading a batch's last frame and before storing
+    /// the batch, since a payload read after its `peek` may already have come from zero pages.
+    pub fn check_intact(&self) -> Result<(), RingError> {
+        intact(&self.mem)
+    }
+
     /// Sequence of the last batch acknowledged durable on this segment (by any consumer). A
     /// consumer that starts mid-stream skips batches at or below it: they are stored already.
     pub fn last_durable_seq(&self) -> u64 {
@@ -897,25 +960,35 @@ impl<M: Memory> Consumer<M> {
 
     /// Records that batch `seq` is durable with snapshot `id`, and wakes the producer.
     /// Released frames are published first, so a successor consumer never re-reads an acked batch.
+    ///
+    /// `durable_seq` never goes backwards: a `seq` at or below the current one changes nothing
+    /// (neither the sequence nor the id of the later batch a producer may be reading).
     pub fn publish_durable(&mut self, seq: u64, id: &[u8; 32]) {
         publish_tail(&self.mem, &mut self.st);
         let sh = self.mem.shared();
-        for (word, chunk) in sh.reverse.durable_id.iter().zip(id.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        // The consumer is the only writer (one per segment), so load-then-store cannot race with
+        // another writer; fetch_max keeps the store monotonic even so.
+        if seq > sh.reverse.durable_seq.load(Ordering::Acquire) {
+            for (word, chunk) in sh.reverse.durable_id.iter().zip(id.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(chunk);
+                word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+            }
+            // Release: the id words above are visible to whoever acquires this sequence.
+            sh.reverse.durable_seq.fetch_max(seq, Ordering::Release);
         }
-        // Release: the id words above are visible to whoever acquires this sequence.
-        sh.reverse.durable_seq.store(seq, Ordering::Release);
         notify(&self.mem, &sh.producer.wake);
     }
 
-    /// Records that batch `seq` was rejected, and wakes the producer.
+    /// Records that batch `seq` was rejected, and wakes the producer. `rejected_seq` never goes
+    /// backwards: a `seq` at or below the current one changes nothing.
     pub fn publish_rejected(&mut self, seq: u64, code: RejectCode) {
         publish_tail(&self.mem, &mut self.st);
         let sh = self.mem.shared();
-        sh.reverse.rejected_code.store(code.to_u32(), Ordering::Relaxed);
-        sh.reverse.rejected_seq.store(seq, Ordering::Release);
+        if seq > sh.reverse.rejected_seq.load(Ordering::Acquire) {
+            sh.reverse.rejected_code.store(code.to_u32(), Ordering::Relaxed);
+            sh.reverse.rejected_seq.fetch_max(seq, Ordering::Release);
+        }
         notify(&self.mem, &sh.producer.wake);
     }
 }

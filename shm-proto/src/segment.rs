@@ -3,7 +3,9 @@
 //! Creation is atomic: the creator builds and initialises the file unnamed (`O_TMPFILE`, or a
 //! private temporary name where that is unsupported), publishes READY, and only then links it at
 //! the agreed path; if the other side linked first, the creator drops its copy and attaches. So no
-//! one can open a half-initialised segment. Attach validates everything before trusting it.
+//! one can open a half-initialised segment. Attach checks owner and mode, reads and validates the
+//! header with `pread` before mapping anything, maps under the SIGBUS guard (`crate::sigbus`),
+//! and, as consumer, re-initialises a segment its producer damaged once that producer is gone.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -11,12 +13,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use memmap2::{MmapOptions, MmapRaw};
+use std::os::unix::fs::FileExt;
 
 use crate::layout::{
     FLAG_GROUP_SHARED, HEADER_SIZE, Header, LAYOUT_VERSION, MAGIC, RingShared, STATE_INITIALISING, STATE_READY,
 };
 use crate::ring::{Consumer, Memory, Producer, RingConfig, Role};
+use crate::sigbus::GuardedMap;
 use crate::sync::{AtomicU32, Ordering};
 use crate::sys;
 
@@ -112,8 +115,12 @@ pub enum SegmentError {
         /// Segment path.
         path: PathBuf,
     },
-    /// Smaller than a header.
-    #[error("{path} is {size} bytes, smaller than a segment header ({HEADER_SIZE}): not a shmback segment; remove it")]
+    /// Smaller than its header: truncated by its producer (found by a producer attaching; a
+    /// consumer re-initialises such a segment instead).
+    #[error(
+        "segment {path} is {size} bytes, smaller than a segment header ({HEADER_SIZE}): it was truncated; \
+         start the uploader, which re-initialises it when it attaches, or remove it while both sides are stopped"
+    )]
     TooSmall {
         /// Segment path.
         path: PathBuf,
@@ -151,9 +158,11 @@ pub enum SegmentError {
         /// What is wrong.
         what: String,
     },
-    /// File shorter than the header says.
+    /// File size differs from what the header says: truncated or extended by its producer (found
+    /// by a producer attaching; a consumer re-initialises such a segment instead).
     #[error(
-        "segment {path} is {found} bytes but its header says {expected}: truncated; remove it while both sides are stopped"
+        "segment {path} is {found} bytes but its header says {expected}: it was truncated or resized; start the \
+         uploader, which re-initialises it when it attaches, or remove it while both sides are stopped"
     )]
     Truncated {
         /// Segment path.
@@ -176,10 +185,12 @@ pub enum SegmentError {
         /// Capacity asked for.
         wanted: usize,
     },
-    /// Header never became READY.
+    /// Header not READY: zeroed (truncated and re-grown), or a re-initialisation died or is still
+    /// running after the wait. A consumer re-initialises such a segment when no producer holds it.
     #[error(
-        "segment {path} was not ready after {waited:?} (state {state}): its creator died while initialising \
-         it, or a reset is in progress; remove it while both sides are stopped"
+        "segment {path} was not ready after {waited:?} (state {state}): its header was zeroed or a \
+         re-initialisation died or is still running; start the uploader, which re-initialises it when it \
+         attaches, or remove it while both sides are stopped"
     )]
     NotReady {
         /// Segment path.
@@ -200,6 +211,54 @@ pub enum SegmentError {
         role: Role,
         /// Pid recorded in the header (0 if unknown).
         pid: u32,
+    },
+    /// A consumer found the segment damaged (truncated, resized, zeroed or not READY) while a live
+    /// producer still holds it, so it cannot be re-initialised under that producer.
+    #[error(
+        "segment {path} is damaged ({what}) and its producer (pid {pid}) is still attached: restart or stop \
+         that producer; the segment is re-initialised on the uploader's next attach (nothing in it was \
+         acknowledged, so the producer resends)"
+    )]
+    DamagedInUse {
+        /// Segment path.
+        path: PathBuf,
+        /// What was found.
+        what: String,
+        /// Pid recorded for the producer (0 if unreadable).
+        pid: u32,
+    },
+    /// The file grants permissions to "other" users: anyone on the host could read the data or
+    /// forge frames.
+    #[error(
+        "segment {path} has mode {mode:04o} (owner uid {uid}), which lets other users read or write it: \
+         remove {path}; it is re-created mode 0600 (0660 with --group-shared)"
+    )]
+    InsecureMode {
+        /// Segment path.
+        path: PathBuf,
+        /// Permission bits found.
+        mode: u32,
+        /// Owner found.
+        uid: u32,
+    },
+    /// The file belongs to another user and is not shared with one of our groups (a segment
+    /// pre-created by someone else in the world-writable /dev/shm).
+    #[error(
+        "segment {path} is owned by uid {uid} (gid {gid}, mode {mode:04o}), not by this process's uid {euid}, \
+         and is not group-shared with one of its groups: remove {path}; it is re-created mode 0600 by the side \
+         that starts first, or create it with --group-shared (mode 0660) and run both sides in its group"
+    )]
+    ForeignOwner {
+        /// Segment path.
+        path: PathBuf,
+        /// Owner found.
+        uid: u32,
+        /// Group found.
+        gid: u32,
+        /// Permission bits found.
+        mode: u32,
+        /// This process's effective uid.
+        euid: u32,
     },
     /// Reset refused because a side is attached.
     #[error("segment {path} is in use by a live {role} (pid {pid}): stop it before resetting the segment")]
@@ -234,7 +293,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
 /// An attached segment: the mapping, the open file whose OFD lock marks this side alive, and the
 /// role. Implements [`Memory`] for the ring protocol.
 pub struct Segment {
-    map: MmapRaw,
+    map: GuardedMap,
     file: File,
     path: PathBuf,
     role: Role,
@@ -268,13 +327,100 @@ pub struct SegmentInfo {
     pub rejected_seq: u64,
 }
 
+/// The header fields attach checks, read with `pread` before anything is mapped (so a hostile
+/// file costs one 4 KiB read, not a mapping populated to whatever size it claims).
+#[derive(Clone, Copy, Debug, Default)]
+struct Fields {
+    magic: u64,
+    version: u32,
+    header_size: u32,
+    state: u32,
+    flags: u32,
+    ring_capacity: u64,
+    reverse_capacity: u64,
+    generation: u64,
+    producer_pid: u32,
+    consumer_pid: u32,
+}
+
+/// Geometry of a segment whose header passed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    capacity: u64,
+    reverse_capacity: u64,
+    generation: u64,
+    size: u64,
+}
+
+/// How a segment file is damaged: the states a producer can leave its segment in (truncating or
+/// resizing it, zeroing its header) or a re-initialisation that died. A consumer re-initialises
+/// such a segment when no producer holds it; nothing in it was acknowledged.
+#[derive(Clone, Debug)]
+enum Damage {
+    Empty,
+    Small { size: u64 },
+    Zeroed,
+    NotReady { state: u32 },
+    Geometry(String),
+    Size { expected: u64, found: u64 },
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::Empty => f.write_str("the file is empty"),
+            Damage::Small { size } => write!(f, "the file is {size} bytes, smaller than its {HEADER_SIZE}-byte header"),
+            Damage::Zeroed => f.write_str("its header is zeroed"),
+            Damage::NotReady { state } => write!(f, "its header is not ready (state {state})"),
+            Damage::Geometry(what) => write!(f, "invalid header: {what}"),
+            Damage::Size { expected, found } => write!(f, "the file is {found} bytes but its header says {expected}"),
+        }
+    }
+}
+
+impl Damage {
+    /// The error a producer gets for it (a producer never re-initialises a segment).
+    fn into_error(self, path: &Path, waited: Duration) -> SegmentError {
+        let path = path.to_path_buf();
+        match self {
+            Damage::Empty => SegmentError::TooSmall { path, size: 0 },
+            Damage::Small { size } => SegmentError::TooSmall { path, size },
+            Damage::Zeroed => SegmentError::NotReady { path, state: 0, waited },
+            Damage::NotReady { state } => SegmentError::NotReady { path, state, waited },
+            Damage::Geometry(what) => SegmentError::BadGeometry { path, what },
+            Damage::Size { expected, found } => SegmentError::Truncated { path, expected, found },
+        }
+    }
+}
+
+enum Verdict {
+    Valid(Geometry),
+    Damaged(Damage),
+}
+
+/// Attach attempts that found the file replaced, or repaired it, before giving up.
+const ATTACH_ATTEMPTS: usize = 8;
+
 impl Segment {
     /// Creates (if allowed and missing) or attaches to the segment at `path` as `role`.
+    ///
+    /// In order: the file must be a regular file owned by this user (or group-shared with one of
+    /// its groups) with no permission for others; its header is read with `pread` and validated
+    /// (magic, version, state, geometry, file size) before anything is mapped; then it is mapped
+    /// (populated), locked for `role` and registered. A consumer that finds the segment damaged
+    /// (truncated, resized, zeroed, not READY) while no producer holds it re-initialises it
+    /// (generation + 1) and logs a warning; a producer gets an error naming the fix.
     pub fn open(path: impl AsRef<Path>, role: Role, opts: &SegmentOptions) -> Result<Segment, SegmentError> {
         let path = path.as_ref();
         check_options(opts)?;
-        // A reset or a racing creator can replace the file between open and lock: retry a few times.
-        for _ in 0..8 {
+        let start = Instant::now();
+        let mut attempts = 0;
+        loop {
+            if attempts >= ATTACH_ATTEMPTS {
+                return Err(io_err("opening segment", path)(io::Error::other(
+                    "the file kept being replaced or damaged while attaching",
+                )));
+            }
             let file = match open_existing(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -282,6 +428,7 @@ impl Segment {
                         return Err(SegmentError::NotFound { path: path.into() });
                     }
                     create(path, opts)?;
+                    attempts += 1;
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -293,31 +440,45 @@ impl Segment {
             if !meta.file_type().is_file() || meta.file_type().is_fifo() {
                 return Err(SegmentError::NotRegular { path: path.into() });
             }
-            // Map and validate first, then lock and register at once: a peer that sees the lock
-            // held must also see the new epoch (a slow attach between the two made a producer
-            // record the old epoch and later take the new one for "consumer replaced").
-            let seg = Segment::map(file, path, role, opts)?;
-            if !sys::try_lock_byte(&seg.file, lock_byte(role)).map_err(io_err("locking segment", path))? {
-                let pid = seg.peer_record(role).pid.load(Ordering::Relaxed);
-                return Err(SegmentError::RoleTaken { path: path.into(), role, pid });
-            }
-            seg.register();
-            // Still the file at `path`, and still the geometry we validated? (A reset may have
-            // re-initialised or replaced it before we locked; it cannot while we hold the lock.)
-            let same_file =
-                matches!(std::fs::metadata(path), Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev());
-            if !same_file || !seg.same_generation() {
+            let (size, fields) = read_fields(&file).map_err(io_err("reading segment header", path))?;
+            check_owner(path, &meta, (fields.magic == MAGIC).then_some(fields.flags))?;
+            let damage = match validate(path, size, &fields, opts)? {
+                Verdict::Valid(geo) => {
+                    if let Some(seg) = Segment::attach(file, &meta, path, role, opts, geo)? {
+                        return Ok(seg);
+                    }
+                    attempts += 1;
+                    continue;
+                }
+                Verdict::Damaged(d) => d,
+            };
+            let held =
+                |role| sys::byte_locked_by_other(&file, lock_byte(role)).map_err(io_err("locking segment", path));
+            let (producer_held, consumer_held) = (held(Role::Producer)?, held(Role::Consumer)?);
+            if producer_held && consumer_held && start.elapsed() < opts.ready_timeout {
+                // Both role locks held: a reset, which holds both while it re-initialises, may be
+                // in progress. Give it the ready timeout.
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            if !sys::is_memory_fs(path.parent().unwrap_or(Path::new("/"))) {
-                tracing::warn!(
-                    path = %path.display(),
-                    "segment is not on tmpfs: the ring will be backed by disk pages; use /dev/shm"
-                );
+            match role {
+                Role::Producer => return Err(damage.into_error(path, start.elapsed())),
+                Role::Consumer if producer_held => {
+                    return Err(SegmentError::DamagedInUse {
+                        path: path.into(),
+                        what: damage.to_string(),
+                        pid: fields.producer_pid,
+                    });
+                }
+                Role::Consumer if consumer_held => {
+                    return Err(SegmentError::RoleTaken { path: path.into(), role, pid: fields.consumer_pid });
+                }
+                Role::Consumer => {
+                    repair(&file, path, &meta, opts, &damage)?;
+                    attempts += 1;
+                }
             }
-            return Ok(seg);
         }
-        Err(io_err("opening segment", path)(io::Error::other("the file kept being replaced while attaching")))
     }
 
     /// Attaches as producer and returns the ring's producing half.
@@ -332,72 +493,68 @@ impl Segment {
         Ok(Consumer::new(seg, opts.ring))
     }
 
-    fn map(file: File, path: &Path, role: Role, opts: &SegmentOptions) -> Result<Segment, SegmentError> {
-        let size = file.metadata().map_err(io_err("inspecting segment", path))?.len();
-        if size < HEADER_SIZE {
-            return Err(SegmentError::TooSmall { path: path.into(), size });
-        }
-        let len = usize::try_from(size).map_err(|_| SegmentError::BadGeometry {
+    /// Maps a validated segment, checks the mapping still says what was validated, then locks
+    /// `role` and registers. `Ok(None)`: the file changed in between (a reset, or its producer):
+    /// look again.
+    fn attach(
+        file: File,
+        meta: &std::fs::Metadata,
+        path: &Path,
+        role: Role,
+        opts: &SegmentOptions,
+        geo: Geometry,
+    ) -> Result<Option<Segment>, SegmentError> {
+        let len = usize::try_from(geo.size).map_err(|_| SegmentError::BadGeometry {
             path: path.into(),
-            what: format!("file of {size} bytes cannot be mapped"),
+            what: format!("file of {} bytes cannot be mapped", geo.size),
         })?;
-        let mut mo = MmapOptions::new();
-        mo.len(len);
-        if opts.prefault {
-            mo.populate();
-        }
-        let map = mo.map_raw(&file).map_err(io_err("mapping segment", path))?;
-        let mut seg = Segment { map, file, path: path.into(), role, capacity: 0, reverse_capacity: 0, generation: 0 };
+        // The length is the validated geometry (at most 1 GiB + 64 MiB + 4 KiB), never the size
+        // the file claims.
+        let map = GuardedMap::new(&file, len, opts.prefault).map_err(io_err("mapping segment", path))?;
+        let seg = Segment {
+            map,
+            file,
+            path: path.into(),
+            role,
+            capacity: geo.capacity as usize,
+            reverse_capacity: geo.reverse_capacity as usize,
+            generation: geo.generation,
+        };
         let id = &seg.header().ident;
-        let start = Instant::now();
-        loop {
-            let state = id.state.load(Ordering::Acquire);
-            if state == STATE_READY {
-                break;
-            }
-            if start.elapsed() >= opts.ready_timeout {
-                return Err(SegmentError::NotReady { path: path.into(), state, waited: start.elapsed() });
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        // Acquire: pairs with the creator's Release of READY; every field read after it is the
+        // initialised one. A file truncated since the pread reads zeros here (the guard).
+        let unchanged = id.state.load(Ordering::Acquire) == STATE_READY
+            && id.magic.load(Ordering::Relaxed) == MAGIC
+            && id.ring_capacity.load(Ordering::Relaxed) == geo.capacity
+            && id.reverse_capacity.load(Ordering::Relaxed) == geo.reverse_capacity
+            && id.generation.load(Ordering::Relaxed) == geo.generation
+            && seg.file.metadata().is_ok_and(|m| m.len() == geo.size)
+            && !seg.map.truncated();
+        if !unchanged {
+            return Ok(None);
         }
-        let magic = id.magic.load(Ordering::Relaxed);
-        if magic != MAGIC {
-            return Err(SegmentError::BadMagic { path: path.into(), found: magic });
+        // Lock and register at once, after the slow part (mapping): a peer that sees the lock held
+        // must also see the new epoch (a slow attach between the two made a producer record the
+        // old epoch and later take the new one for "consumer replaced").
+        if !sys::try_lock_byte(&seg.file, lock_byte(role)).map_err(io_err("locking segment", path))? {
+            let pid = seg.peer_record(role).pid.load(Ordering::Relaxed);
+            return Err(SegmentError::RoleTaken { path: path.into(), role, pid });
         }
-        let version = id.version.load(Ordering::Relaxed);
-        if version != LAYOUT_VERSION {
-            return Err(SegmentError::Version { path: path.into(), found: version, expected: LAYOUT_VERSION });
+        seg.register();
+        // Still the file at `path`, and still the generation we validated? (A reset may have
+        // re-initialised or replaced it before we locked; it cannot while we hold the lock.)
+        let same_file =
+            matches!(std::fs::metadata(path), Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev());
+        if !same_file || !seg.same_generation() {
+            return Ok(None);
         }
-        let bad = |what: String| SegmentError::BadGeometry { path: path.into(), what };
-        let header_size = id.header_size.load(Ordering::Relaxed);
-        if header_size as u64 != HEADER_SIZE {
-            return Err(bad(format!("header size {header_size}, expected {HEADER_SIZE}")));
+        if !sys::is_memory_fs(path.parent().unwrap_or(Path::new("/"))) {
+            tracing::warn!(
+                path = %path.display(),
+                "segment is not on tmpfs: the ring will be backed by disk pages; use /dev/shm"
+            );
         }
-        let cap = id.ring_capacity.load(Ordering::Relaxed);
-        if !cap.is_power_of_two() || cap < MIN_CAPACITY as u64 || cap > MAX_CAPACITY as u64 {
-            return Err(bad(format!("ring capacity {cap} is not a power of two in {MIN_CAPACITY}..={MAX_CAPACITY}")));
-        }
-        let rev = id.reverse_capacity.load(Ordering::Relaxed);
-        if rev > MAX_REVERSE_CAPACITY as u64 || !rev.is_multiple_of(8) {
-            return Err(bad(format!("reverse capacity {rev} is not a multiple of 8 up to {MAX_REVERSE_CAPACITY}")));
-        }
-        let expected = HEADER_SIZE + cap + rev;
-        if size < expected {
-            return Err(SegmentError::Truncated { path: path.into(), expected, found: size });
-        }
-        if size > expected {
-            return Err(bad(format!("file is {size} bytes, header says {expected}")));
-        }
-        if let Some(wanted) = opts.capacity
-            && wanted as u64 != cap
-        {
-            return Err(SegmentError::CapacityMismatch { path: path.into(), found: cap as usize, wanted });
-        }
-        let generation = id.generation.load(Ordering::Relaxed);
-        seg.capacity = cap as usize;
-        seg.reverse_capacity = rev as usize;
-        seg.generation = generation;
-        Ok(seg)
+        Ok(Some(seg))
     }
 
     fn register(&self) {
@@ -422,15 +579,15 @@ impl Segment {
     }
 
     fn header(&self) -> &Header {
-        // SAFETY: the mapping is at least HEADER_SIZE bytes (checked in `map` before this is
-        // called), page aligned (so aligned for `Header`), and lives as long as `self`. Every
+        // SAFETY: the mapping is at least HEADER_SIZE bytes (the validated geometry it was made
+        // with), page aligned (so aligned for `Header`), and lives as long as `self`. Every
         // field of `Header` is an integer atomic, so any bytes are a valid value, and all shared
         // accesses go through atomic operations.
         unsafe { &*(self.map.as_ptr() as *const Header) }
     }
 
     fn ring_ptr(&self) -> *mut u8 {
-        // SAFETY: HEADER_SIZE < mapping length (checked in `map`), so the offset is in bounds.
+        // SAFETY: HEADER_SIZE < mapping length (the validated geometry), so the offset is in bounds.
         unsafe { self.map.as_mut_ptr().add(HEADER_SIZE as usize) }
     }
 
@@ -452,6 +609,13 @@ impl Segment {
     /// Whether the header's generation still matches the one seen at attach.
     pub fn same_generation(&self) -> bool {
         self.header().ident.generation.load(Ordering::Acquire) == self.generation
+    }
+
+    /// Whether this side found the file truncated under its mapping (the SIGBUS guard replaced
+    /// the mapping with zero pages). Every ring operation then fails with
+    /// [`crate::RingError::SegmentDamaged`]; drop the segment and attach again.
+    pub fn truncated(&self) -> bool {
+        self.map.truncated()
     }
 
     /// Reverse-area bytes.
@@ -491,26 +655,21 @@ impl Segment {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SegmentError::NotFound { path: path.into() }),
             Err(e) => return Err(io_err("opening segment", path)(e)),
         };
+        let meta = file.metadata().map_err(io_err("inspecting segment", path))?;
+        let (_, fields) = read_fields(&file).map_err(io_err("reading segment header", path))?;
+        check_owner(path, &meta, (fields.magic == MAGIC).then_some(fields.flags))?;
         for role in [Role::Producer, Role::Consumer] {
             if !sys::try_lock_byte(&file, lock_byte(role)).map_err(io_err("locking segment", path))? {
-                return Err(SegmentError::InUse { path: path.into(), role, pid: peek_pid(&file, role) });
+                let pid = match role {
+                    Role::Producer => fields.producer_pid,
+                    Role::Consumer => fields.consumer_pid,
+                };
+                return Err(SegmentError::InUse { path: path.into(), role, pid });
             }
         }
-        let old_generation = peek_generation(&file).unwrap_or(0);
+        let old_generation = if fields.magic == MAGIC { fields.generation } else { 0 };
         let capacity = opts.capacity.unwrap_or(DEFAULT_CAPACITY);
-        let size = HEADER_SIZE + capacity as u64 + opts.reverse_capacity as u64;
-        {
-            let map = MmapOptions::new().len(HEADER_SIZE as usize).map_raw(&file);
-            if let Ok(map) = map {
-                // SAFETY: the first HEADER_SIZE bytes are mapped (the file has at least that many,
-                // or mapping failed); every Header field is an integer atomic.
-                let h = unsafe { &*(map.as_ptr() as *const Header) };
-                h.ident.state.store(STATE_INITIALISING, Ordering::Release);
-            }
-        }
-        file.set_len(0).map_err(io_err("truncating segment", path))?;
-        allocate(&file, path, size)?;
-        init_header(&file, path, capacity, opts, old_generation + 1)?;
+        reinit(&file, path, capacity, opts.reverse_capacity, opts.group_shared, old_generation + 1)?;
         Ok(old_generation + 1)
     }
 }
@@ -536,30 +695,187 @@ fn open_existing(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
 }
 
-/// Pid recorded for `role`, read through a temporary header mapping (0 if unreadable).
-fn peek_pid(file: &File, role: Role) -> u32 {
-    with_header(file, |h| match role {
-        Role::Producer => h.ring.producer.pid.load(Ordering::Relaxed),
-        Role::Consumer => h.ring.consumer.pid.load(Ordering::Relaxed),
-    })
-    .unwrap_or(0)
+/// Byte offset of a header field, from the layout's own definition.
+macro_rules! at {
+    (ident . $f:ident) => {
+        std::mem::offset_of!(Header, ident) + std::mem::offset_of!(crate::layout::Ident, $f)
+    };
+    (ring . $side:ident . $f:ident) => {
+        std::mem::offset_of!(Header, ring)
+            + std::mem::offset_of!(RingShared, $side)
+            + std::mem::offset_of!(crate::layout::Peer, $f)
+    };
 }
 
-fn peek_generation(file: &File) -> Option<u64> {
-    with_header(file, |h| {
-        (h.ident.magic.load(Ordering::Relaxed) == MAGIC).then(|| h.ident.generation.load(Ordering::Relaxed))
-    })
-    .flatten()
-}
-
-fn with_header<T>(file: &File, f: impl FnOnce(&Header) -> T) -> Option<T> {
-    if file.metadata().ok()?.len() < HEADER_SIZE {
-        return None;
+/// The file's size and its header fields, read with `pread` (no mapping). A file shorter than
+/// the header reads as zeros past its end.
+fn read_fields(file: &File) -> io::Result<(u64, Fields)> {
+    let size = file.metadata()?.len();
+    let mut buf = [0u8; HEADER_SIZE as usize];
+    let want = size.min(HEADER_SIZE) as usize;
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut buf[got..want], got as u64) {
+            // Shrunk since the stat: the rest reads as zeros, which validation reports.
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    let map = MmapOptions::new().len(HEADER_SIZE as usize).map_raw_read_only(file).ok()?;
-    // SAFETY: HEADER_SIZE bytes are mapped (file size checked above); every Header field is an
-    // integer atomic, so any content is valid; the mapping outlives `f`.
-    Some(f(unsafe { &*(map.as_ptr() as *const Header) }))
+    let u64_at = |off: usize| u64::from_le_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+    let u32_at = |off: usize| u32::from_le_bytes(buf[off..off + 4].try_into().expect("4 bytes"));
+    Ok((
+        size,
+        Fields {
+            magic: u64_at(at!(ident.magic)),
+            version: u32_at(at!(ident.version)),
+            header_size: u32_at(at!(ident.header_size)),
+            state: u32_at(at!(ident.state)),
+            flags: u32_at(at!(ident.flags)),
+            ring_capacity: u64_at(at!(ident.ring_capacity)),
+            reverse_capacity: u64_at(at!(ident.reverse_capacity)),
+            generation: u64_at(at!(ident.generation)),
+            producer_pid: u32_at(at!(ring.producer.pid)),
+            consumer_pid: u32_at(at!(ring.consumer.pid)),
+        },
+    ))
+}
+
+/// Validates a header read with [`read_fields`] against the file size. `Err`: not a segment this
+/// build can use (another file, another version, another ring size asked for); `Damaged`: one of
+/// ours that its producer (or a dead re-initialisation) left unusable.
+fn validate(path: &Path, size: u64, h: &Fields, opts: &SegmentOptions) -> Result<Verdict, SegmentError> {
+    if size == 0 {
+        return Ok(Verdict::Damaged(Damage::Empty));
+    }
+    if h.magic == 0 {
+        return Ok(Verdict::Damaged(Damage::Zeroed));
+    }
+    if h.magic != MAGIC {
+        return Err(SegmentError::BadMagic { path: path.into(), found: h.magic });
+    }
+    if size < HEADER_SIZE {
+        return Ok(Verdict::Damaged(Damage::Small { size }));
+    }
+    if h.version != LAYOUT_VERSION {
+        return Err(SegmentError::Version { path: path.into(), found: h.version, expected: LAYOUT_VERSION });
+    }
+    if h.state != STATE_READY {
+        return Ok(Verdict::Damaged(Damage::NotReady { state: h.state }));
+    }
+    let bad = |what: String| Ok(Verdict::Damaged(Damage::Geometry(what)));
+    if h.header_size as u64 != HEADER_SIZE {
+        return bad(format!("header size {}, expected {HEADER_SIZE}", h.header_size));
+    }
+    let cap = h.ring_capacity;
+    if !cap.is_power_of_two() || cap < MIN_CAPACITY as u64 || cap > MAX_CAPACITY as u64 {
+        return bad(format!("ring capacity {cap} is not a power of two in {MIN_CAPACITY}..={MAX_CAPACITY}"));
+    }
+    let rev = h.reverse_capacity;
+    if rev > MAX_REVERSE_CAPACITY as u64 || !rev.is_multiple_of(8) {
+        return bad(format!("reverse capacity {rev} is not a multiple of 8 up to {MAX_REVERSE_CAPACITY}"));
+    }
+    let expected = HEADER_SIZE + cap + rev;
+    if size != expected {
+        return Ok(Verdict::Damaged(Damage::Size { expected, found: size }));
+    }
+    if let Some(wanted) = opts.capacity
+        && wanted as u64 != cap
+    {
+        return Err(SegmentError::CapacityMismatch { path: path.into(), found: cap as usize, wanted });
+    }
+    Ok(Verdict::Valid(Geometry { capacity: cap, reverse_capacity: rev, generation: h.generation, size }))
+}
+
+/// Owner and mode: /dev/shm is world-writable (1777), so anyone can pre-create the path. The file
+/// must give "other" users nothing, and be ours, or be group-shared on purpose: the header says
+/// so (`group_flags`, `None` when the header is unreadable), the mode has group read and write,
+/// and the file's group is one of ours.
+fn check_owner(path: &Path, meta: &std::fs::Metadata, group_flags: Option<u32>) -> Result<(), SegmentError> {
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(SegmentError::InsecureMode { path: path.into(), mode, uid: meta.uid() });
+    }
+    let euid = sys::effective_uid();
+    if meta.uid() == euid {
+        return Ok(());
+    }
+    let group_shared =
+        group_flags.is_some_and(|f| f & FLAG_GROUP_SHARED != 0) && mode & 0o060 == 0o060 && sys::in_group(meta.gid());
+    if group_shared {
+        return Ok(());
+    }
+    Err(SegmentError::ForeignOwner { path: path.into(), uid: meta.uid(), gid: meta.gid(), mode, euid })
+}
+
+/// A consumer's repair of a damaged segment no producer holds: under both role locks, look again
+/// (someone may have repaired it meanwhile), then re-initialise it in place, generation + 1.
+/// Nothing in a damaged ring was acknowledged, so nothing is lost: its producer resends.
+fn repair(
+    file: &File,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    opts: &SegmentOptions,
+    damage: &Damage,
+) -> Result<(), SegmentError> {
+    for role in [Role::Producer, Role::Consumer] {
+        if !sys::try_lock_byte(file, lock_byte(role)).map_err(io_err("locking segment", path))? {
+            let (_, fields) = read_fields(file).unwrap_or_default();
+            return Err(match role {
+                Role::Producer => {
+                    SegmentError::DamagedInUse { path: path.into(), what: damage.to_string(), pid: fields.producer_pid }
+                }
+                Role::Consumer => SegmentError::RoleTaken { path: path.into(), role, pid: fields.consumer_pid },
+            });
+        }
+    }
+    let (size, fields) = read_fields(file).map_err(io_err("reading segment header", path))?;
+    let damage = match validate(path, size, &fields, opts) {
+        Ok(Verdict::Damaged(d)) => d,
+        // Repaired or replaced meanwhile: the caller looks again.
+        _ => return Ok(()),
+    };
+    let known = fields.magic == MAGIC;
+    let old_generation = if known { fields.generation } else { 0 };
+    let header_capacity = usize::try_from(fields.ring_capacity)
+        .ok()
+        .filter(|c| known && c.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(c));
+    let capacity = opts.capacity.or(header_capacity).unwrap_or(DEFAULT_CAPACITY);
+    // The file keeps its inode, owner and mode; the header's flag follows the mode.
+    let group_shared = opts.group_shared || meta.mode() & 0o060 == 0o060;
+    tracing::warn!(
+        path = %path.display(),
+        found = %damage,
+        generation = old_generation + 1,
+        "segment damaged (truncated or overwritten by its producer?), no producer attached: re-initialising it; \
+         nothing in it was acknowledged, the producer resends its batch"
+    );
+    reinit(file, path, capacity, opts.reverse_capacity, group_shared, old_generation + 1)
+}
+
+/// Re-initialises the segment in `file` in place (the caller holds both role locks): marks it
+/// INITIALISING, truncates it, reallocates every byte, writes a fresh header with `generation`.
+fn reinit(
+    file: &File,
+    path: &Path,
+    capacity: usize,
+    reverse_capacity: usize,
+    group_shared: bool,
+    generation: u64,
+) -> Result<(), SegmentError> {
+    if file.metadata().map_err(io_err("inspecting segment", path))?.len() >= HEADER_SIZE {
+        let map = GuardedMap::new(file, HEADER_SIZE as usize, false).map_err(io_err("mapping segment", path))?;
+        // SAFETY: the file has at least HEADER_SIZE bytes and that many are mapped (a file
+        // truncated meanwhile reads zero pages, the guard); every Header field is an integer atomic.
+        let h = unsafe { &*(map.as_ptr() as *const Header) };
+        // An attacher that read the old header sees this before the truncation and waits.
+        h.ident.state.store(STATE_INITIALISING, Ordering::Release);
+    }
+    let size = HEADER_SIZE + capacity as u64 + reverse_capacity as u64;
+    file.set_len(0).map_err(io_err("truncating segment", path))?;
+    allocate(file, path, size)?;
+    init_header(file, path, capacity, reverse_capacity, group_shared, generation)
 }
 
 fn mode(opts: &SegmentOptions) -> u32 {
@@ -616,7 +932,7 @@ fn create(path: &Path, opts: &SegmentOptions) -> Result<(), SegmentError> {
         file.set_permissions(std::fs::Permissions::from_mode(mode(opts)))
             .map_err(io_err("setting segment mode", path))?;
         allocate(&file, path, size)?;
-        init_header(&file, path, capacity, opts, 1)
+        init_header(&file, path, capacity, opts.reverse_capacity, opts.group_shared, 1)
     })();
     if let Err(e) = init {
         cleanup(&named);
@@ -663,12 +979,14 @@ fn init_header(
     file: &File,
     path: &Path,
     capacity: usize,
-    opts: &SegmentOptions,
+    reverse_capacity: usize,
+    group_shared: bool,
     generation: u64,
 ) -> Result<(), SegmentError> {
-    let map = MmapOptions::new().len(HEADER_SIZE as usize).map_raw(file).map_err(io_err("mapping segment", path))?;
-    // SAFETY: the file was just allocated with at least HEADER_SIZE bytes; the mapping is page
-    // aligned and outlives `h`; every Header field is an integer atomic.
+    let map = GuardedMap::new(file, HEADER_SIZE as usize, false).map_err(io_err("mapping segment", path))?;
+    // SAFETY: the file was just allocated with at least HEADER_SIZE bytes and HEADER_SIZE bytes
+    // are mapped; the mapping is page aligned and outlives `h`; every Header field is an integer
+    // atomic. (A file truncated meanwhile reads and writes zero pages: the guard, checked below.)
     let h = unsafe { &*(map.as_ptr() as *const Header) };
     let id = &h.ident;
     id.state.store(STATE_INITIALISING, Ordering::Release);
@@ -676,14 +994,19 @@ fn init_header(
     id.magic.store(MAGIC, Ordering::Relaxed);
     id.version.store(LAYOUT_VERSION, Ordering::Relaxed);
     id.header_size.store(HEADER_SIZE as u32, Ordering::Relaxed);
-    id.flags.store(if opts.group_shared { FLAG_GROUP_SHARED } else { 0 }, Ordering::Relaxed);
+    id.flags.store(if group_shared { FLAG_GROUP_SHARED } else { 0 }, Ordering::Relaxed);
     id.ring_capacity.store(capacity as u64, Ordering::Relaxed);
-    id.reverse_capacity.store(opts.reverse_capacity as u64, Ordering::Relaxed);
+    id.reverse_capacity.store(reverse_capacity as u64, Ordering::Relaxed);
     id.generation.store(generation, Ordering::Relaxed);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     id.created_unix_ns.store(now, Ordering::Relaxed);
     // Release: every field above is visible to whoever acquires READY.
     id.state.store(STATE_READY, Ordering::Release);
+    if map.truncated() {
+        return Err(io_err("initialising segment", path)(io::Error::other(
+            "the file was truncated by another process while it was being initialised",
+        )));
+    }
     Ok(())
 }
 
@@ -756,5 +1079,9 @@ unsafe impl Memory for Segment {
     fn peer_alive(&self, role: Role) -> bool {
         // An error here (it should not happen) counts as alive: never report a live peer dead.
         sys::byte_locked_by_other(&self.file, lock_byte(role)).unwrap_or(true)
+    }
+
+    fn truncated(&self) -> Option<String> {
+        self.map.truncated().then(|| self.path.display().to_string())
     }
 }

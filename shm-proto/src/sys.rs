@@ -94,6 +94,33 @@ pub(crate) fn is_memory_fs(path: &std::path::Path) -> bool {
     }
 }
 
+/// The effective user id of this process.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether `gid` is this process's effective group or one of its supplementary groups.
+pub(crate) fn in_group(gid: u32) -> bool {
+    // SAFETY: getegid has no preconditions and cannot fail.
+    if unsafe { libc::getegid() } == gid {
+        return true;
+    }
+    let mut groups = vec![0 as libc::gid_t; 256];
+    loop {
+        // SAFETY: `groups` has room for `groups.len()` entries, which is the size passed.
+        let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+        if n >= 0 {
+            return groups[..n as usize].contains(&gid);
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) || groups.len() >= 1 << 16 {
+            return false;
+        }
+        // More supplementary groups than room: grow and ask again.
+        groups.resize(groups.len() * 4, 0);
+    }
+}
+
 /// Gives the allocator's free memory back to the system. glibc keeps freed heap pages (in every
 /// thread's arena) for reuse, so a daemon that once held a large batch would keep that peak for
 /// its whole life. A no-op where the C library is not glibc. (Here because all of the project's

@@ -172,6 +172,7 @@ fn fuzz_corpus_replays_without_panicking() {
     for (target, harness) in [
         ("decode", shmback_proto::fuzzing::decode_stream as fn(&[u8])),
         ("ring", shmback_proto::fuzzing::read_hostile_ring),
+        ("manifest", shmback_proto::fuzzing::manifest_stream),
     ] {
         let mut n = 0;
         for f in std::fs::read_dir(root.join(target)).expect("fuzz corpus is checked in") {

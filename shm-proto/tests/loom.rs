@@ -168,3 +168,66 @@ fn consumer_dying_unblocks_a_waiting_producer() {
         t.join().unwrap();
     });
 }
+
+/// The SIGBUS guard's table (`fault`): a fault handler on another thread either finds the mapping
+/// registered and finishes its remap before `unregister` returns, or does not find it. The
+/// mapping is modelled as a cell: the remap and the later unmap both write it, so a remap that
+/// could still run after `unregister` is a reported causality violation.
+#[test]
+fn fault_table_unregister_waits_out_a_handler() {
+    use shmback_proto::fault::FaultTable;
+    model(|| {
+        let table = Arc::new(FaultTable::<2>::new());
+        let pages = Arc::new(loom::cell::UnsafeCell::new(0u8));
+        let slot = table.register(0x1000, 0x2000).unwrap();
+        let (t, p) = (table.clone(), pages.clone());
+        let handler = loom::thread::spawn(move || {
+            t.on_fault(0x2fff, |start, len| {
+                assert_eq!((start, len), (0x1000, 0x2000));
+                // SAFETY: loom tracks the access; a race with the unmap below is reported.
+                p.with_mut(|b| unsafe { *b = 1 });
+                true
+            })
+        });
+        table.unregister(slot);
+        // munmap
+        // SAFETY: as above.
+        pages.with_mut(|b| unsafe { *b = 2 });
+        handler.join().unwrap();
+    });
+}
+
+/// The truncated flag: the owner that sees it set also sees the zero pages the handler mapped
+/// (Release/Acquire), and concurrent registrations get distinct slots with their own ranges.
+#[test]
+fn fault_table_flag_publishes_the_remap_and_slots_do_not_mix() {
+    use shmback_proto::fault::FaultTable;
+    model(|| {
+        let table = Arc::new(FaultTable::<2>::new());
+        let pages = Arc::new(loom::cell::UnsafeCell::new(0u8));
+        let mine = table.register(0x1000, 0x1000).unwrap();
+        let t = table.clone();
+        let other = loom::thread::spawn(move || {
+            let slot = t.register(0x8000, 0x1000).unwrap();
+            t.unregister(slot);
+            slot
+        });
+        let (t, p) = (table.clone(), pages.clone());
+        let handler = loom::thread::spawn(move || {
+            t.on_fault(0x1004, |start, len| {
+                assert_eq!((start, len), (0x1000, 0x1000), "the other registration's range was used");
+                // SAFETY: loom tracks the access.
+                p.with_mut(|b| unsafe { *b = 7 });
+                true
+            })
+        });
+        if table.truncated(mine) {
+            // SAFETY: loom tracks the access; without Release/Acquire on the flag it races.
+            pages.with(|b| assert_eq!(unsafe { *b }, 7));
+        }
+        assert_ne!(other.join().unwrap(), mine);
+        assert!(handler.join().unwrap(), "a fault in a registered mapping is handled");
+        assert!(table.truncated(mine));
+        table.unregister(mine);
+    });
+}

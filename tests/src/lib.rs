@@ -1,4 +1,8 @@
-//! Helpers shared by shmback's cross-process tests (and the `shmback-test-peer` binary).
+//! Helpers shared by shmback's cross-process tests (and the `shmback-test-peer` binary), and the
+//! in-process S3 server of the uploader's S3 tests and the benchmarks ([`s3_server`]).
+
+#[cfg(feature = "s3-server")]
+pub mod s3_server;
 
 /// The payload of frame `n` from the producer with nonce `nonce`: 16 bytes of identity, then a
 /// pattern derived from both, `len` bytes in all (at least 16).

@@ -1,12 +1,13 @@
-//! Repository commands besides serving: list snapshots, restore, check, forget/prune.
+//! Repository commands besides serving: list snapshots, restore, check, repair, forget/prune.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context;
-use rustic_core::repofile::SnapshotFile;
+use rustic_core::repofile::{IndexId, SnapshotFile};
 use rustic_core::{
-    CheckOptions, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus, PruneOptions,
-    Repository, RestoreOptions, SnapshotGroupCriterion,
+    CheckError, CheckOptions, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus,
+    PruneOptions, RepairIndexOptions, RepairSnapshotsOptions, Repository, RestoreOptions, SnapshotGroupCriterion,
 };
 
 use crate::config::RepositoryConfig;
@@ -25,6 +26,13 @@ pub fn snapshots(config: &RepositoryConfig) -> anyhow::Result<Vec<SnapshotFile>>
 }
 
 /// Restores `spec` (`SNAPSHOT[:PATH]`, `latest` allowed) into `dest`.
+///
+/// Nothing is written outside `dest`: a symlink inside it (already there, or restored from the
+/// snapshot) is never followed; one standing where the snapshot has a file or directory is
+/// replaced (the link, not its target). An entry that cannot be restored (a damaged pack, a
+/// blob missing from the index, a path blocked by something that is not a directory) does not
+/// stop the others; a file whose contents could not be restored is removed rather than left
+/// full of zeros, and the error lists every such entry.
 pub fn restore(config: &RepositoryConfig, spec: &str, dest: &Path) -> anyhow::Result<()> {
     let repo = open_plain(config)?.to_indexed()?;
     let node = repo.node_from_snapshot_path(spec, |_| true).with_context(|| format!("finding {spec}"))?;
@@ -33,16 +41,113 @@ pub fn restore(config: &RepositoryConfig, spec: &str, dest: &Path) -> anyhow::Re
     let dest = LocalDestination::new(dest_str, true, !node.is_dir())?;
     let opts = RestoreOptions::default();
     let plan = repo.prepare_restore(&opts, ls.clone(), &dest, false)?;
-    repo.restore(plan, &opts, ls, &dest)?;
-    Ok(())
+    repo.restore(plan, &opts, ls, &dest).map_err(|e| {
+        anyhow::anyhow!(
+            "restore of {spec} is incomplete: {}\nIf packs are damaged or missing, `shmback check --read-data` \
+             names them and says how to repair the repository.",
+            e.display_log()
+        )
+    })
 }
 
 /// Checks the repository's structure (and, with `read_data`, every pack's content).
+///
+/// Each finding is logged as it is found; a damaged pack makes the error name the pack(s) and
+/// the repair steps.
 pub fn check(config: &RepositoryConfig, read_data: bool) -> anyhow::Result<()> {
     let repo = open_plain(config)?;
     let results = repo.check(CheckOptions::default().read_data(read_data))?;
+    let damaged: BTreeSet<String> = results.0.iter().filter_map(|(_, e)| damaged_pack(e)).collect();
+    if !damaged.is_empty() {
+        let ids: Vec<&str> = damaged.iter().map(String::as_str).collect();
+        anyhow::bail!(
+            "{} damaged pack(s): {}\nFiles whose data is in them cannot be restored (restore names each one and \
+             restores the rest). To repair:\n\
+             1. copy each damaged pack (data/<first two hex digits>/<id> in the repository) somewhere safe, then \
+             delete it from the repository (or salvage its intact blobs with restic 0.16+: `restic repair packs <id>`);\n\
+             2. `shmback repair index` (the index then no longer lists the lost blobs);\n\
+             3. `shmback repair snapshots --forget` (files that lost data are kept with the suffix .repaired);\n\
+             4. restart `shmback run`: the next batch then stores the lost data again if the producer still has it.",
+            damaged.len(),
+            ids.join(", ")
+        );
+    }
     results.is_ok().context("repository check found errors (see above)")?;
     Ok(())
+}
+
+/// The pack a check finding says is damaged, if it says so.
+fn damaged_pack(e: &CheckError) -> Option<String> {
+    match e {
+        CheckError::PackBlobDecryptFailed { id, .. }
+        | CheckError::PackBlobDecompressFailed { id, .. }
+        | CheckError::PackHeaderDecryptFailed { id }
+        | CheckError::PackHashMismatch { id, .. }
+        | CheckError::PackBlobHashMismatch { id, .. }
+        | CheckError::PackBlobLengthMismatch { id, .. }
+        | CheckError::PackHeaderMismatchIndex { id }
+        | CheckError::PackHeaderLengthMismatch { id, .. }
+        | CheckError::ErrorReadingPack { id, .. }
+        | CheckError::ErrorCheckingPack { id, .. } => Some(id.to_hex().to_string()),
+        _ => None,
+    }
+}
+
+/// What `repair index` changed.
+#[derive(Debug)]
+pub struct RepairIndexReport {
+    /// Index files before.
+    pub before: usize,
+    /// Index files after.
+    pub after: usize,
+}
+
+/// Rebuilds the index from the packs (restic's `repair index`): packs missing from the index are
+/// read and added, entries of packs that are gone are dropped. With `read_all`, every pack header
+/// is read again. Nothing is written with `dry_run`.
+pub fn repair_index(config: &RepositoryConfig, read_all: bool, dry_run: bool) -> anyhow::Result<RepairIndexReport> {
+    let repo = open_plain(config)?;
+    let before = repo.list::<IndexId>()?.count();
+    repo.repair_index(&RepairIndexOptions::default().read_all(read_all), dry_run)?;
+    let after = repo.list::<IndexId>()?.count();
+    Ok(RepairIndexReport { before, after })
+}
+
+/// What `repair snapshots` changed.
+#[derive(Debug)]
+pub struct RepairSnapshotsReport {
+    /// Snapshots looked at.
+    pub checked: usize,
+    /// New snapshots written (each names its original); 0 with `dry_run`.
+    pub written: Vec<SnapshotFile>,
+    /// Snapshots removed (the originals, with `forget`).
+    pub removed: usize,
+}
+
+/// Repairs snapshots (restic's `repair snapshots`): in each snapshot (all, or those `ids` name)
+/// a file whose data blobs are missing from the index keeps what is left under the name + `suffix`,
+/// a missing directory tree becomes empty; each changed snapshot is written as a new one tagged
+/// `repaired`. With `forget` the originals are removed. Nothing is written with `dry_run`.
+///
+/// Only blobs missing from the index count as damaged: run `repair index` first (after removing
+/// damaged packs) so the index matches the packs.
+pub fn repair_snapshots(
+    config: &RepositoryConfig,
+    ids: &[String],
+    suffix: &str,
+    forget: bool,
+    dry_run: bool,
+) -> anyhow::Result<RepairSnapshotsReport> {
+    let repo = open_plain(config)?.to_indexed()?;
+    let snaps = if ids.is_empty() { repo.get_all_snapshots()? } else { repo.get_snapshots(ids)? };
+    let checked = snaps.len();
+    let old: BTreeSet<_> = repo.get_all_snapshots()?.into_iter().map(|s| s.id).collect();
+    let opts = RepairSnapshotsOptions::default().delete(forget).suffix(suffix);
+    repo.repair_snapshots(&opts, snaps, dry_run)?;
+    let now = repo.get_all_snapshots()?;
+    let written: Vec<_> = now.iter().filter(|s| !old.contains(&s.id)).cloned().collect();
+    let removed = old.iter().filter(|id| !now.iter().any(|s| &s.id == *id)).count();
+    Ok(RepairSnapshotsReport { checked, written, removed })
 }
 
 /// One line per snapshot: id, time, host, tags, files, size.

@@ -1,5 +1,6 @@
 //! `shmback`: the uploader and its repository commands.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,30 +11,32 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
-use shmback_uploader::s3::{Provider, S3Error, S3Options};
+use shmback_uploader::backends::env::Env;
+use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
+use shmback_uploader::backends::s3::{Provider, S3Options};
+use shmback_uploader::config::PasswordSources;
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
 ///
 /// The repository and its password are given the way restic takes them (RESTIC_REPOSITORY,
-/// RESTIC_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD_COMMAND, or the flags below); restic
-/// 0.14+ and rustic read what shmback writes.
+/// RESTIC_PASSWORD, RESTIC_PASSWORD_FILE, RESTIC_PASSWORD_COMMAND, or the flags below; as in
+/// restic, there is no flag for the password itself: it would show in `ps`); restic 0.14+ and
+/// rustic read what shmback writes.
 #[derive(Parser)]
-#[command(name = "shmback", version, after_help = TOP_EXAMPLES)]
+#[command(name = "shmback", version, after_help = format!("{TOP_EXAMPLES}\n\n{EXIT_STATUS_HELP}"))]
 struct Cli {
     /// Repository: a directory, `local:PATH`, `s3:[http(s)://]host[:port]/bucket[/prefix]`,
     /// `gs:bucket:/prefix`, `azure:container:/prefix`, `swift:container:/prefix`, `b2:bucket:prefix`,
     /// `sftp:user@host:/path`, `rest:http://host:port/path` or `rclone:remote:path` (README, "Backends").
-    #[arg(short, long, global = true, env = "RESTIC_REPOSITORY")]
+    // Its value is hidden in the help: a rest: URL may hold a password.
+    #[arg(short, long, global = true, env = "RESTIC_REPOSITORY", hide_env_values = true)]
     repo: Option<String>,
-    /// Repository password.
-    #[arg(long, global = true, env = "RESTIC_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// File holding the repository password (first line).
+    /// File holding the repository password (its content, whitespace-trimmed, as restic reads it).
     #[arg(long, global = true, env = "RESTIC_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
-    /// Shell command printing the repository password (first line of its output).
-    #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND")]
+    /// Shell command printing the repository password (its output, whitespace-trimmed).
+    #[arg(long, global = true, env = "RESTIC_PASSWORD_COMMAND", hide_env_values = true)]
     password_command: Option<String>,
     /// S3: which implementation is behind the endpoint (auto: AWS for *.amazonaws.com, else generic).
     #[arg(long, global = true, env = "SHMBACK_S3_PROVIDER", value_enum, default_value_t = Provider::Auto)]
@@ -166,6 +169,12 @@ enum Cmd {
         #[command(flatten)]
         prune_opts: Box<PruneOptions>,
     },
+    /// Repair the repository: rebuild its index from the packs, or cut lost data out of snapshots.
+    #[command(after_help = REPAIR_EXAMPLES)]
+    Repair {
+        #[command(subcommand)]
+        what: RepairCmd,
+    },
     /// Try the whole thing on an embedded default: a fresh local repository and segment, the
     /// uploader, `shmback-send` in a second process sending DIR twice, a verified restore.
     #[command(after_help = "Examples:\n  shmback demo\n  shmback demo ~/photos --work /tmp/demo")]
@@ -202,37 +211,60 @@ fn s3_options(cli: &Cli) -> S3Options {
 /// The repository every command but the demo works on: parsed here, once.
 fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
     let given = cli.repo.as_deref().context("no repository: set RESTIC_REPOSITORY or --repo")?;
-    Ok(RepositoryConfig { location: given.parse()?, password: Password::new(password(cli)?), s3: s3_options(cli) })
+    let sources = PasswordSources {
+        file: cli.password_file.clone(),
+        command: cli.password_command.clone(),
+        // Set but empty counts: restic refuses an empty password rather than ignoring the variable.
+        env: std::env::var_os("RESTIC_PASSWORD").map(|v| v.to_string_lossy().into_owned()),
+    };
+    Ok(RepositoryConfig {
+        location: given.parse()?,
+        password: Password::resolve(&sources)?,
+        s3: s3_options(cli),
+        env: Env::process(),
+    })
 }
 
-fn password(cli: &Cli) -> anyhow::Result<String> {
-    if let Some(p) = &cli.password {
-        return Ok(p.clone());
-    }
-    match (&cli.password_file, &cli.password_command) {
-        (Some(_), Some(_)) => anyhow::bail!(
-            "both a password file and a password command are set (RESTIC_PASSWORD_FILE / \
-             RESTIC_PASSWORD_COMMAND or their flags): keep one"
-        ),
-        (Some(f), None) => {
-            let s = std::fs::read_to_string(f).with_context(|| format!("reading the password file {}", f.display()))?;
-            Ok(s.lines().next().unwrap_or_default().to_string())
-        }
-        (None, Some(cmd)) => {
-            let out = std::process::Command::new("sh")
-                .args(["-c", cmd])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running the password command `{cmd}`"))?;
-            anyhow::ensure!(out.status.success(), "the password command `{cmd}` failed ({})", out.status);
-            let s = String::from_utf8(out.stdout).context("the password command printed something not UTF-8")?;
-            Ok(s.lines().next().unwrap_or_default().to_string())
-        }
-        (None, None) => anyhow::bail!(
-            "no repository password: set RESTIC_PASSWORD, RESTIC_PASSWORD_FILE or RESTIC_PASSWORD_COMMAND \
-             (or --password-file / --password-command)"
-        ),
-    }
+const REPAIR_EXAMPLES: &str = "Examples (after `shmback check` reported damage):
+  shmback repair index                          # index files lost or wrong: rebuild from the packs
+  shmback repair snapshots --dry-run            # which snapshots reference lost data
+  shmback repair snapshots --forget             # write repaired snapshots, remove the originals";
+
+#[derive(Subcommand)]
+enum RepairCmd {
+    /// Rebuild the index from the pack files (restic's `repair index`): packs missing from the
+    /// index are read and added, entries of packs that are gone are dropped.
+    #[command(after_help = "Examples:\n  shmback repair index\n  shmback repair index --read-all --dry-run")]
+    Index {
+        /// Read every pack's header again, not only those of packs missing from the index.
+        #[arg(long)]
+        read_all: bool,
+        /// Show what would change; write nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Remove references to lost data from snapshots (restic's `repair snapshots`): a file with
+    /// blobs missing from the index keeps what is left as NAME.repaired, a lost directory becomes
+    /// empty; each changed snapshot is saved as a new one tagged `repaired`.
+    ///
+    /// Run `shmback repair index` first: only blobs missing from the index count as lost.
+    #[command(after_help = "Examples:
+  shmback repair snapshots --dry-run
+  shmback repair snapshots --forget
+  shmback repair snapshots 1a2b3c4d --suffix .damaged")]
+    Snapshots {
+        /// Snapshots to repair (id prefixes or `latest`; default: all).
+        ids: Vec<String>,
+        /// Remove the original snapshots once their repaired copies are saved.
+        #[arg(long)]
+        forget: bool,
+        /// Suffix for the name of a file that lost data.
+        #[arg(long, default_value = ".repaired")]
+        suffix: String,
+        /// Show what would change; write nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -241,21 +273,28 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // OpenDAL's logging layer warns about every failed call, including the expected
                 // "not found" when a repository is created; its retries still show (layers).
-                .unwrap_or_else(|_| "warn,shmback_uploader=info,shmback=info,opendal::services=error".into()),
+                .unwrap_or_else(|_| {
+                    "warn,shmback_uploader=info,shmback=info,opendal::services=error,rustic_core::commands::repair=info"
+                        .into()
+                }),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal only: piped into a log, escape codes are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // A storage error gets its own message and exit status (README, "Exit status").
-            if let Some(s3) = e.chain().find_map(|c| c.downcast_ref::<S3Error>()) {
-                eprintln!("shmback: {s3}");
-                return ExitCode::from(s3.exit_code());
-            }
-            eprintln!("shmback: {e:#}");
-            ExitCode::FAILURE
+            // A backend failure gets its own exit status whichever backend failed (README, "Exit
+            // status"); a classified one speaks for itself (its message names the cause and fix).
+            let (code, message) = match classify(&e) {
+                Some((kind, Some(message))) => (kind.exit_code(), message),
+                Some((kind, None)) => (kind.exit_code(), format!("{e:#}")),
+                None => (1, format!("{e:#}")),
+            };
+            eprintln!("shmback: {}", without_empty_backtraces(&message));
+            ExitCode::from(code)
         }
     }
 }
@@ -322,6 +361,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let config = repository_config(cli)?;
             commands::check(&config, *read_data)?;
             println!("no errors were found");
+        }
+        Cmd::Repair { what: RepairCmd::Index { read_all, dry_run } } => {
+            let config = repository_config(cli)?;
+            let r = commands::repair_index(&config, *read_all, *dry_run)?;
+            let verb = if *dry_run { "would rebuild" } else { "rebuilt" };
+            println!("{verb} the index: {} index files before, {} after", r.before, r.after);
+        }
+        Cmd::Repair { what: RepairCmd::Snapshots { ids, forget, suffix, dry_run } } => {
+            let config = repository_config(cli)?;
+            let r = commands::repair_snapshots(&config, ids, suffix, *forget, *dry_run)?;
+            for s in &r.written {
+                println!("saved {}", commands::snapshot_line(s));
+            }
+            let dry = if *dry_run { " (dry run: nothing written)" } else { "" };
+            println!(
+                "{} snapshots checked, {} repaired snapshots saved, {} removed{dry}",
+                r.checked,
+                r.written.len(),
+                r.removed
+            );
         }
         Cmd::Forget { keep, group_by, dry_run, prune, prune_opts } => {
             let config = repository_config(cli)?;

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rustic_core::{
-    ConfigOptions, Credentials, KeyOptions, OpenStatus, Repository, RepositoryBackends, RepositoryOptions, WriteBackend,
+    ConfigOptions, Credentials, FileType, KeyOptions, OpenStatus, ReadBackend, Repository, RepositoryBackends,
+    RepositoryOptions, WriteBackend,
 };
 
+use crate::backends::failure::{BackendError, FailureKind};
 use crate::config::RepositoryConfig;
 use crate::progress::{TerminalBars, interactive};
 
@@ -29,7 +31,17 @@ pub fn open(
     purpose: Purpose,
     wrap: impl FnOnce(Arc<dyn WriteBackend>) -> Arc<dyn WriteBackend>,
 ) -> anyhow::Result<Repository<OpenStatus>> {
-    let backends = crate::location::open_backends(&config.location, &config.s3)?;
+    let backends = crate::backends::open(&config.location, &config.s3, &config.env)?;
+    if purpose != Purpose::Create && backends.repository().list(FileType::Config)?.is_empty() {
+        return Err(BackendError::msg(
+            FailureKind::Missing,
+            format!(
+                "there is no repository at {}: create one with `shmback init`, or check RESTIC_REPOSITORY",
+                config.location
+            ),
+        )
+        .into());
+    }
     let backends = RepositoryBackends::new(wrap(backends.repository()), backends.repo_hot());
     let opts = RepositoryOptions::default();
     let repo = if purpose == Purpose::Command && interactive() {

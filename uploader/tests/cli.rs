@@ -1,5 +1,7 @@
-//! The `shmback` command line: password sources and their errors, `forget` (dry run, policy,
-//! prune) on snapshots made by a running `shmback run`, and the help's examples.
+//! The `shmback` command line: password sources and their errors (restic's resolution, empty
+//! passwords refused), `forget` (dry run, policy, prune) on snapshots made by a running
+//! `shmback run`, the help's examples and what it must not show, exit statuses of backend failures
+//! (REST, local), restic's modes for local repositories, clean error and log output.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -154,4 +156,157 @@ fn repository_locations_are_checked_before_anything_connects() {
     assert!(!o.status.success());
     assert!(text(&o).contains("cannot connect") && text(&o).contains("u:***@"), "{}", text(&o));
     assert!(!text(&o).contains("secret"), "{}", text(&o));
+}
+
+/// An HTTP server on 127.0.0.1 answering every request with `status` (at most `n` requests).
+fn answering(status: &'static str, n: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let mut s = stream.unwrap();
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf);
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+        }
+    });
+    (addr, server)
+}
+
+#[test]
+fn backend_failures_exit_with_their_status_whichever_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = [("RESTIC_PASSWORD", "pw")];
+    // A REST server refusing the login: 10, as for S3.
+    let (addr, server) = answering("401 Unauthorized", 1);
+    let o = shmback(Path::new(&format!("rest:http://u:wrong@{addr}/repo")), &["snapshots"], &pw);
+    server.join().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", text(&o));
+    assert!(text(&o).contains("refused the credentials (HTTP 401)"), "{}", text(&o));
+    // Nothing listens: 12.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let o = shmback(Path::new(&format!("rest:http://{free}/repo")), &["snapshots"], &pw);
+    assert_eq!(o.status.code(), Some(12), "{}", text(&o));
+    // No repository at a local path: 11, with the fix.
+    let o = shmback(&dir.path().join("nothing-here"), &["snapshots"], &pw);
+    assert_eq!(o.status.code(), Some(11), "{}", text(&o));
+    assert!(text(&o).contains("shmback init"), "{}", text(&o));
+    // A missing variable: 14.
+    let o = shmback(Path::new("azure:c:/p"), &["snapshots"], &pw);
+    assert_eq!(o.status.code(), Some(14), "{}", text(&o));
+    assert!(text(&o).contains("AZURE_ACCOUNT_NAME"), "{}", text(&o));
+}
+
+#[test]
+fn a_local_directory_the_user_may_not_write_is_access_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let repo = locked.join("repo");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
+    c.arg("init").env("RESTIC_REPOSITORY", &repo).env("RESTIC_PASSWORD", "pw").stdin(Stdio::null());
+    // root may write anywhere: run as nobody then.
+    let euid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    if euid == 0 {
+        c.uid(65534).gid(65534);
+    }
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", text(&o));
+    assert!(text(&o).contains("permission denied") || text(&o).contains("Permission denied"), "{}", text(&o));
+    assert!(!repo.exists());
+}
+
+#[test]
+fn new_local_repositories_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    assert!(shmback(&repo, &["init"], &[("RESTIC_PASSWORD", "pw")]).status.success());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&repo), 0o700);
+    assert_eq!(mode(&repo.join("data/ab")), 0o700);
+    assert_eq!(mode(&repo.join("config")), 0o400);
+    let key = std::fs::read_dir(repo.join("keys")).unwrap().next().unwrap().unwrap().path();
+    assert_eq!(mode(&key), 0o400, "keys are nobody else's business");
+}
+
+#[test]
+fn empty_passwords_are_refused_and_a_broken_source_is_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let empty_file = dir.path().join("empty");
+    std::fs::write(&empty_file, "\n").unwrap();
+    let missing_file = dir.path().join("missing");
+    for (env, names) in [
+        (vec![("RESTIC_PASSWORD", "")], "RESTIC_PASSWORD"),
+        (vec![("RESTIC_PASSWORD_FILE", empty_file.to_str().unwrap())], empty_file.to_str().unwrap()),
+        (vec![("RESTIC_PASSWORD_COMMAND", "true")], "`true`"),
+    ] {
+        let o = shmback(&repo, &["init"], &env);
+        assert!(!o.status.success(), "{env:?}: {}", text(&o));
+        assert!(text(&o).contains("an empty password is not a password") && text(&o).contains(names), "{}", text(&o));
+        assert!(!repo.exists(), "{env:?} created a repository");
+    }
+    // restic fails when the file it is told to read is missing, whatever RESTIC_PASSWORD says.
+    let o = shmback(
+        &repo,
+        &["init"],
+        &[("RESTIC_PASSWORD", "pw"), ("RESTIC_PASSWORD_FILE", missing_file.to_str().unwrap())],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(missing_file.to_str().unwrap()), "{}", text(&o));
+    assert!(!repo.exists());
+    // The whole file, trimmed, is the password (as restic reads it).
+    let two_lines = dir.path().join("two");
+    std::fs::write(&two_lines, "a\nb\n").unwrap();
+    assert!(shmback(&repo, &["init"], &[("RESTIC_PASSWORD_FILE", two_lines.to_str().unwrap())]).status.success());
+    assert!(shmback(&repo, &["snapshots"], &[("RESTIC_PASSWORD", "a\nb")]).status.success());
+}
+
+#[test]
+fn secrets_stay_off_the_command_line_and_out_of_the_help() {
+    let o = Command::new(env!("CARGO_BIN_EXE_shmback"))
+        .arg("--help")
+        .env("RESTIC_REPOSITORY", "rest:https://u:rest-url-secret@host:8000/r")
+        .env("RESTIC_PASSWORD_COMMAND", "echo command-secret")
+        .env("RESTIC_PASSWORD", "password-secret")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let help = text(&o);
+    for secret in ["rest-url-secret", "command-secret", "password-secret"] {
+        assert!(!help.contains(secret), "{secret} in the help:\n{help}");
+    }
+    assert!(help.contains("Exit status") && help.contains("13  TLS"), "{help}");
+    // No flag carries the password (it would show in `ps`).
+    let o = Command::new(env!("CARGO_BIN_EXE_shmback")).args(["snapshots", "--password", "x"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unexpected argument '--password'"), "{}", text(&o));
+}
+
+#[test]
+fn errors_end_cleanly_and_piped_logs_carry_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    assert!(shmback(&repo, &["init"], &[("RESTIC_PASSWORD", "pw")]).status.success());
+    // Backtraces off (the default outside a test harness): rustic_core's placeholder section goes.
+    let o = shmback(&repo, &["snapshots"], &[("RESTIC_PASSWORD", "nope"), ("RUST_BACKTRACE", "0")]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wrong password"), "{err}");
+    assert!(!err.contains("Backtrace"), "an empty backtrace section:\n{err}");
+    // A failing daemon, its stderr piped: log lines (a segment off tmpfs is warned about, the
+    // wrong password logged), and not one escape code.
+    let seg = dir.path().join("seg");
+    let o = shmback(&repo, &["run", "--segment", seg.to_str().unwrap()], &[("RESTIC_PASSWORD", "nope")]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(" WARN ") && err.contains("not on tmpfs"), "the log is there:\n{err}");
+    assert!(!err.contains('\x1b'), "escape codes in a piped log:\n{err}");
 }

@@ -88,6 +88,29 @@ fn a_misaligned_head_stops_only_its_segment_with_the_fix_named() {
 }
 
 #[test]
+fn a_segment_truncated_by_its_producer_is_attached_again_and_served() {
+    let (_r, loc) = fresh_repo();
+    let shm = shm_dir();
+    let seg = shm.path().join("seg");
+    let server = Server::start(&loc, &seg);
+    let (p, _, _) = begin_raw(&seg, &[(FrameKind::Entry, entry_bytes(file("a", 0)))]);
+    // The producer truncates the file under both mappings, then goes away.
+    std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(0).unwrap();
+    drop(p);
+    // The uploader re-creates the segment once the producer has let go.
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&seg).map_or(0, |m| m.len()) == 0 {
+        assert!(t.elapsed() < T, "the uploader never re-created the damaged segment");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    good_batch(&seg, "after").unwrap();
+    let out = server.stop();
+    assert!(out[0].starts_with("Rejected") && out[0].contains("truncated"), "{out:#?}");
+    assert!(out.last().unwrap().starts_with("Stored"), "{out:#?}");
+    assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 1);
+}
+
+#[test]
 fn a_stalled_batch_is_rejected_after_the_idle_limit() {
     let (_r, loc) = fresh_repo();
     let shm = shm_dir();

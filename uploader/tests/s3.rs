@@ -1,153 +1,24 @@
-//! The S3 backend against an S3 server started by the test on 127.0.0.1 (`s3s` + `s3s-fs`, with a
-//! fault-injecting layer): ring → `shmback run` → repository on S3, restore byte-exact and
+//! The S3 backend against an S3 server started by the test on 127.0.0.1 (`shmback_tests::s3_server`:
+//! `s3s` + `s3s-fs` with a fault-injecting layer): ring → `shmback run` → repository on S3, restore byte-exact and
 //! `check --read-data` clean; transient 500/503 answers retried (and logged) and the backup
 //! completes; a pack upload that keeps failing leaves no snapshot; wrong credentials, a missing
 //! bucket, TLS to a plain-HTTP server and an unreachable endpoint each get their message and exit
 //! status.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use s3s::dto::*;
-use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
+use shmback_tests::s3_server::S3Server;
 use shmback_writer::{Outbox, OutboxOptions, WriteError};
 
 const T: Duration = Duration::from_secs(120);
 const AK: &str = "shmbacktestaccesskey";
 const SK: &str = "shmbacktestsecretkey0123456789abcdefghij";
 
-/// Faults to inject: the next `n` requests of a kind whose key contains `needle` fail.
-#[derive(Default)]
-struct Faults {
-    put_fail: AtomicU32,
-    put_needle: std::sync::Mutex<String>,
-    get_fail: AtomicU32,
-    injected: AtomicU32,
-    parts: AtomicU32,
-}
-
-impl Faults {
-    fn take(&self, counter: &AtomicU32, key: &str, needle: &str) -> bool {
-        if !key.contains(needle) {
-            return false;
-        }
-        let hit = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-        if hit {
-            self.injected.fetch_add(1, Ordering::SeqCst);
-        }
-        hit
-    }
-}
-
-/// `s3s-fs` behind a layer that fails requests on demand.
-struct Faulty {
-    fs: s3s_fs::FileSystem,
-    faults: Arc<Faults>,
-}
-
-#[async_trait::async_trait]
-impl S3 for Faulty {
-    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
-        let needle = self.faults.put_needle.lock().unwrap().clone();
-        if self.faults.take(&self.faults.put_fail, &req.input.key, &needle) {
-            return Err(s3_error!(SlowDown, "injected: slow down"));
-        }
-        self.fs.put_object(req).await
-    }
-    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
-        if self.faults.take(&self.faults.get_fail, &req.input.key, "") {
-            return Err(s3_error!(InternalError, "injected: internal error"));
-        }
-        self.fs.get_object(req).await
-    }
-    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
-        self.fs.head_object(req).await
-    }
-    async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
-        self.fs.head_bucket(req).await
-    }
-    async fn create_bucket(&self, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
-        self.fs.create_bucket(req).await
-    }
-    async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
-        self.fs.list_objects_v2(req).await
-    }
-    async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
-        self.fs.delete_object(req).await
-    }
-    async fn create_multipart_upload(
-        &self,
-        req: S3Request<CreateMultipartUploadInput>,
-    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
-        self.fs.create_multipart_upload(req).await
-    }
-    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
-        self.faults.parts.fetch_add(1, Ordering::SeqCst);
-        self.fs.upload_part(req).await
-    }
-    async fn complete_multipart_upload(
-        &self,
-        req: S3Request<CompleteMultipartUploadInput>,
-    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.fs.complete_multipart_upload(req).await
-    }
-    async fn abort_multipart_upload(
-        &self,
-        req: S3Request<AbortMultipartUploadInput>,
-    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.fs.abort_multipart_upload(req).await
-    }
-}
-
-/// An S3 server on 127.0.0.1 serving `root` (each directory a bucket), stopped on drop.
-struct Server {
-    addr: SocketAddr,
-    faults: Arc<Faults>,
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Server {
-    fn start(root: &Path) -> Server {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let faults = Arc::new(Faults::default());
-        let service = {
-            let mut b = s3s::service::S3ServiceBuilder::new(Faulty {
-                fs: s3s_fs::FileSystem::new(root).unwrap(),
-                faults: faults.clone(),
-            });
-            b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
-            b.build()
-        };
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
-        rt.spawn(async move {
-            let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone()).into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
-        Server { addr, faults, rt: Some(rt) }
-    }
-
-    fn repo(&self, bucket_and_prefix: &str) -> String {
-        format!("s3:http://{}/{bucket_and_prefix}", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
-        }
-    }
+/// The shared in-process S3 server, with the test's key.
+fn start_server(root: &Path) -> S3Server {
+    S3Server::start(root, 0, AK, SK).unwrap()
 }
 
 fn shmback(repo: &str, args: &[&str], secret: &str) -> Command {
@@ -201,7 +72,7 @@ fn tree(root: &Path) {
 /// multipart uploads (so packs exercise it).
 fn uploader(repo: &str, seg: &Path, log: &Path) -> Child {
     let child = shmback(repo, &["run", "--segment", seg.to_str().unwrap(), "--s3-multipart-mib", "1"], SK)
-        .env("RUST_LOG", "info,shmback_uploader::s3=debug")
+        .env("RUST_LOG", "info,shmback_uploader::backends::s3=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -237,8 +108,8 @@ fn send(seg: &Path, src: &Path) -> Result<[u8; 32], WriteError> {
 fn ring_to_s3_restores_byte_exact_through_transient_faults() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("bucket")).unwrap();
-    let server = Server::start(root.path());
-    let repo = server.repo("bucket/akash/app");
+    let server = start_server(root.path());
+    let repo = server.location("bucket/akash/app");
     let o = out(&mut shmback(&repo, &["init"], SK));
     assert!(o.status.success(), "{}", text(&o));
     // restic's layout under the prefix.
@@ -253,20 +124,16 @@ fn ring_to_s3_restores_byte_exact_through_transient_faults() {
     let log = work.path().join("run.log");
     let up = uploader(&repo, &seg, &log);
     // The first pack uploads answer 503 SlowDown, reads answer 500: retried, and the batch lands.
-    *server.faults.put_needle.lock().unwrap() = "/data/".into();
-    server.faults.put_fail.store(3, Ordering::SeqCst);
-    server.faults.get_fail.store(2, Ordering::SeqCst);
+    server.faults().fail_puts(3, "/data/");
+    server.faults().fail_gets(2);
     send(&seg, src.path()).expect("the batch is stored despite the faults");
     // Unchanged: almost nothing new, and it is stored again as a snapshot.
     send(&seg, src.path()).expect("the second batch");
     stop(up);
     let log = std::fs::read_to_string(&log).unwrap();
-    assert!(server.faults.injected.load(Ordering::SeqCst) >= 3, "faults were injected");
+    assert!(server.faults().injected() >= 3, "faults were injected");
     assert!(log.contains("S3 request failed, retrying"), "the retries show in the log:\n{log}");
-    assert!(
-        server.faults.parts.load(Ordering::SeqCst) > 0,
-        "packs of 1 MiB or more went up in multipart uploads:\n{log}"
-    );
+    assert!(server.faults().parts() > 0, "packs of 1 MiB or more went up in multipart uploads:\n{log}");
 
     let o = out(&mut shmback(&repo, &["snapshots"], SK));
     assert!(text(&o).contains("2 snapshots"), "{}", text(&o));
@@ -283,8 +150,8 @@ fn ring_to_s3_restores_byte_exact_through_transient_faults() {
 fn a_pack_upload_that_keeps_failing_leaves_no_snapshot() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("bucket")).unwrap();
-    let server = Server::start(root.path());
-    let repo = server.repo("bucket");
+    let server = start_server(root.path());
+    let repo = server.location("bucket");
     assert!(out(&mut shmback(&repo, &["init"], SK)).status.success());
     let src = tempfile::tempdir().unwrap();
     tree(src.path());
@@ -293,12 +160,11 @@ fn a_pack_upload_that_keeps_failing_leaves_no_snapshot() {
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("run.log");
     let up = uploader(&repo, &seg, &log);
-    *server.faults.put_needle.lock().unwrap() = "data/".into();
-    server.faults.put_fail.store(u32::MAX, Ordering::SeqCst);
+    server.faults().fail_puts(u32::MAX, "data/");
     let got = send(&seg, src.path());
     assert!(matches!(got, Err(WriteError::Rejected { .. })), "{got:?}");
     // The uploader keeps serving: with the fault gone, the resend is stored.
-    server.faults.put_fail.store(0, Ordering::SeqCst);
+    server.faults().fail_puts(0, "data/");
     send(&seg, src.path()).expect("the resend after the fault");
     stop(up);
     let log = std::fs::read_to_string(&log).unwrap();
@@ -313,20 +179,21 @@ fn a_pack_upload_that_keeps_failing_leaves_no_snapshot() {
 fn credentials_bucket_and_endpoint_errors_are_distinct() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("bucket")).unwrap();
-    let server = Server::start(root.path());
+    let server = start_server(root.path());
     // Wrong secret.
-    let o = out(&mut shmback(&server.repo("bucket"), &["init"], "wrong-secret-0123456789abcdefghijklmnopq"));
+    let o = out(&mut shmback(&server.location("bucket"), &["init"], "wrong-secret-0123456789abcdefghijklmnopq"));
     assert_eq!(o.status.code(), Some(10), "{}", text(&o));
     assert!(text(&o).contains("refused the credentials"), "{}", text(&o));
     // Missing bucket, then created on request.
-    let o = out(&mut shmback(&server.repo("nobucket"), &["init"], SK));
+    let o = out(&mut shmback(&server.location("nobucket"), &["init"], SK));
     assert_eq!(o.status.code(), Some(11), "{}", text(&o));
     assert!(text(&o).contains("--create-bucket"), "{}", text(&o));
-    let o = out(&mut shmback(&server.repo("nobucket"), &["init", "--create-bucket"], SK));
+    let o = out(&mut shmback(&server.location("nobucket"), &["init", "--create-bucket"], SK));
     assert!(o.status.success(), "{}", text(&o));
     assert!(root.path().join("nobucket/config").is_file());
     // TLS to a server that speaks plain HTTP: the handshake fails, and the message says how to fix it.
-    let o = out(&mut shmback(&format!("s3:https://{}/bucket", server.addr), &["snapshots", "--s3-attempts", "2"], SK));
+    let o =
+        out(&mut shmback(&format!("s3:https://{}/bucket", server.addr()), &["snapshots", "--s3-attempts", "2"], SK));
     assert_eq!(o.status.code(), Some(13), "{}", text(&o));
     assert!(text(&o).contains("TLS") && text(&o).contains("s3:http://"), "{}", text(&o));
     // Nothing listens: unreachable (after bounded retries).

@@ -14,31 +14,32 @@ pub enum WriteError {
     /// A snapshot path is not acceptable (absolute, `..`, NUL, too long, …).
     #[error("invalid snapshot path {path:?}: {why}")]
     InvalidPath {
-        /// The path, lossily printed.
+        /// The snapshot path, printed as UTF-8 (invalid bytes replaced).
         path: String,
-        /// What is wrong.
+        /// The rule it breaks.
         why: PathProblem,
     },
     /// The same snapshot path was added twice.
     #[error("snapshot path {path:?} was added twice to this batch")]
     Duplicate {
-        /// The path.
+        /// The snapshot path, printed as UTF-8 (invalid bytes replaced).
         path: String,
     },
     /// An entry would lie below a file or symlink.
     #[error("snapshot path {path:?} lies below {parent:?}, which is not a directory in this batch")]
     NotADirectory {
-        /// The path.
+        /// An entry below `parent`: the one being added, or one already in the batch when `parent`
+        /// is the one being added.
         path: String,
-        /// Its non-directory ancestor.
+        /// The file or symlink that `path` would lie below.
         parent: String,
     },
     /// A source could not be read (missing, unreadable, a device…).
     #[error("{path}: {source}")]
     Io {
-        /// The source path (or snapshot path for readers).
+        /// The source's filesystem path (the snapshot path for readers and bytes).
         path: PathBuf,
-        /// The OS error.
+        /// What the OS or the reader reported.
         #[source]
         source: std::io::Error,
     },
@@ -46,9 +47,9 @@ pub enum WriteError {
     /// aborted (no snapshot); send it again.
     #[error("{path} changed while being backed up ({what}); the batch was aborted, send it again")]
     SourceChanged {
-        /// The source.
+        /// The source's filesystem path (the snapshot path for readers).
         path: PathBuf,
-        /// What changed.
+        /// What differs from the manifest (size, mtime, type, an early end…).
         what: String,
     },
     /// The uploader is gone (exited, killed, or restarted mid-batch). Send the batch again once it
@@ -61,9 +62,9 @@ pub enum WriteError {
         "no uploader attached to {segment} within {waited:?}: start it (e.g. `shmback run --segment {segment}`) or check the segment path"
     )]
     NoUploader {
-        /// The segment.
+        /// The segment's path, for the `shmback run --segment` to start.
         segment: String,
-        /// How long we waited.
+        /// The outbox's timeout, which passed with no uploader.
         waited: std::time::Duration,
     },
     /// The uploader is alive but did not make progress in time.
@@ -72,9 +73,9 @@ pub enum WriteError {
     /// The uploader rejected the batch: no snapshot was made.
     #[error("the uploader rejected batch {seq}: {code}; see the uploader's log")]
     Rejected {
-        /// Batch sequence.
+        /// The batch, as [`crate::Ticket::seq`] numbers it.
         seq: u64,
-        /// Why.
+        /// The uploader's reason; its log has the details.
         code: RejectCode,
     },
     /// Any other ring failure (a corrupt segment, a frame the codec refused).

@@ -11,17 +11,25 @@
 //!   below a file) and sent in the depth-first order the uploader needs, manifest first.
 //! - Backpressure blocks up to the configured timeout; nothing is dropped. An uploader that dies
 //!   mid-batch is [`WriteError::UploaderGone`]: build the batch again and resend when it is back.
-//! - A file that changes while it is sent aborts the batch (see [`batch`] for the exact rule).
+//! - A file that changes while it is sent aborts the batch (see [`Batch`] for the exact rule).
 //!
 //! See [`Outbox`] for an example, and the `shmback-send` binary for shell scripts and other
 //! languages.
 #![warn(missing_docs)]
 
-pub mod batch;
+mod batch;
+mod entries;
+mod entry_list;
 mod error;
 mod outbox;
+mod progress;
+mod send;
+mod ticket;
 
-pub use batch::{Batch, EntryMeta, Progress, SnapshotId, Ticket};
+pub use batch::Batch;
+pub use entries::EntryMeta;
 pub use error::WriteError;
 pub use outbox::{Outbox, OutboxOptions};
+pub use progress::Progress;
 pub use shmback_proto::{Labels, SegmentOptions};
+pub use ticket::{SnapshotId, Ticket};

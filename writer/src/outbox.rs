@@ -7,6 +7,7 @@ use shmback_proto::{Labels, Producer, Segment, SegmentOptions};
 
 use crate::batch::Batch;
 use crate::error::WriteError;
+use crate::send::Channel;
 
 /// How an [`Outbox`] attaches and sends.
 #[derive(Clone, Debug)]
@@ -34,24 +35,52 @@ impl Default for OutboxOptions {
     }
 }
 
-/// A producer's handle on one segment. One batch at a time: [`Outbox::batch`] borrows it.
+/// A producer's handle on one segment: what a producer app keeps for its whole life. One batch at
+/// a time: [`Outbox::batch`] borrows it until the batch is committed or dropped.
 ///
-/// ```no_run
+/// The uploader (`shmback run`) usually creates the segment; `Outbox::open` creates it when it is
+/// not there yet, so the two can start in any order. Below, a stand-in uploader (hidden) plays
+/// `shmback run`.
+///
+/// ```
 /// use std::time::Duration;
 /// use shmback_writer::{Outbox, OutboxOptions};
 ///
-/// let mut outbox = Outbox::open("/dev/shm/shmback", OutboxOptions::default())?;
+/// # let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+/// # let segment = shm.path().join("shmback");
+/// # let data = tempfile::tempdir().unwrap();
+/// # std::fs::write(data.path().join("orders.csv"), "1,2,3\n").unwrap();
+/// # let data_dir = data.path();
+/// let mut outbox = Outbox::open(&segment, OutboxOptions::default())?;
+/// # // A stand-in uploader: reads the batch and acknowledges it as snapshot 0707…07.
+/// # let mut ring = shmback_proto::Segment::consumer(&segment, &Default::default()).unwrap();
+/// # let uploader = std::thread::spawn(move || {
+/// #     let mut batches = shmback_proto::BatchDecoder::new();
+/// #     loop {
+/// #         let frame = ring.recv(Duration::from_secs(20)).unwrap();
+/// #         let event = batches.feed(frame.decode().unwrap()).unwrap();
+/// #         let committed = match event {
+/// #             shmback_proto::Event::Commit { seq, .. } => Some(seq),
+/// #             _ => None,
+/// #         };
+/// #         frame.release();
+/// #         if let Some(seq) = committed {
+/// #             return ring.publish_durable(seq, &[7; 32]);
+/// #         }
+/// #     }
+/// # });
 /// let mut batch = outbox.batch();
-/// batch.add_dir("data", "/data")?;              // walks it; files are opened one at a time
+/// batch.add_dir("data", data_dir)?;               // walks it; files are opened one at a time
 /// batch.add_bytes("VERSION", b"42\n".to_vec())?;
 /// let ticket = batch.commit()?;                   // manifest, then data, then COMMIT
 /// let id = ticket.wait_durable(Duration::from_secs(600))?;
-/// println!("snapshot {id}");
+/// assert_eq!(id.to_string(), "07".repeat(32));
+/// # uploader.join().unwrap();
 /// # Ok::<(), shmback_writer::WriteError>(())
 /// ```
 pub struct Outbox {
-    pub(crate) producer: Producer<Segment>,
-    pub(crate) opts: OutboxOptions,
+    producer: Producer<Segment>,
+    opts: OutboxOptions,
     path: PathBuf,
 }
 
@@ -65,7 +94,14 @@ impl Outbox {
 
     /// Starts a batch (one snapshot). Nothing is sent until [`Batch::commit`].
     pub fn batch(&mut self) -> Batch<'_> {
-        Batch::new(self)
+        let frame_size = self.frame_size();
+        Batch::new(Channel {
+            producer: &mut self.producer,
+            segment: &self.path,
+            labels: &self.opts.labels,
+            timeout: self.opts.timeout,
+            frame_size,
+        })
     }
 
     /// The segment's path.
@@ -79,7 +115,7 @@ impl Outbox {
     }
 
     /// Payload bytes per DATA frame actually used.
-    pub(crate) fn frame_size(&self) -> usize {
+    fn frame_size(&self) -> usize {
         self.opts.frame_size.clamp(4096, self.producer.max_payload())
     }
 }

@@ -133,6 +133,81 @@ fn every_kind_of_tree_arrives_byte_exact_and_in_order() {
     assert_eq!(progress.bytes_done, got.data.iter().map(|d| d.len() as u64).sum::<u64>());
 }
 
+/// A batch of over ten thousand entries from every kind of source, added out of order, arrives
+/// whole: every entry once, in depth-first `Path::cmp` order (which is not byte order: `x/y` comes
+/// before `x-y`), missing parents added, each file's bytes exact.
+#[test]
+fn a_large_batch_arrives_whole_and_in_manifest_order() {
+    let ring = 64 << 10;
+    let src = tempfile::tempdir().unwrap();
+    let mut expected: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+    let mut file = |rel: String, data: Vec<u8>| {
+        let p = src.path().join(&rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &data).unwrap();
+        let mut dir = Path::new(&rel).parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            expected.insert(format!("tree/{}", d.display()).into_bytes(), None);
+            dir = d.parent();
+        }
+        expected.insert(format!("tree/{rel}").into_bytes(), Some(data));
+    };
+    for i in 0..6_000usize {
+        file(format!("d{:03}/s{}/f{i}", i % 150, i % 4), content(i, i % 40));
+    }
+    for name in ["x/y/z", "x-y", "x.y", "x0", "x/y-z"] {
+        file(format!("order/{name}"), name.as_bytes().to_vec());
+    }
+    expected.insert(b"tree".to_vec(), None);
+    for i in (0..1_500usize).rev() {
+        expected.insert(format!("mem/{i}").into_bytes(), None);
+        expected.insert(format!("mem/{i}/note").into_bytes(), Some(content(i, 7)));
+    }
+    expected.insert(b"mem".to_vec(), None);
+    expected.insert(b"tree-stream".to_vec(), Some(content(1, 200_000)));
+    expected.insert(b"single".to_vec(), None);
+    expected.insert(b"single/x-y".to_vec(), Some(b"x-y".to_vec()));
+
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let mut c = Segment::consumer(&seg, &opts(ring)).unwrap();
+    let root = src.path().to_path_buf();
+    let producer = producer(&seg, ring, move |ob| {
+        let mut b = ob.batch();
+        for i in (0..1_500usize).rev() {
+            b.add_bytes(format!("mem/{i}/note"), content(i, 7)).unwrap();
+        }
+        b.add_reader("tree-stream", None, EntryMeta::default(), std::io::Cursor::new(content(1, 200_000))).unwrap();
+        b.add_dir("tree", &root).unwrap();
+        b.add_path("single/x-y", root.join("order/x-y")).unwrap();
+        let added = b.len();
+        b.commit().map(|t| (added, t.progress()))
+    });
+    let got = receive(&mut c, |_| {}).unwrap();
+    let (added, progress) = producer.join().unwrap().unwrap();
+    assert!(matches!(got.outcome, Outcome::Commit));
+
+    let mut order: Vec<&Vec<u8>> = expected.keys().collect();
+    order.sort_by(|a, b| Path::new(OsStr::from_bytes(a)).cmp(Path::new(OsStr::from_bytes(b))));
+    let sent: Vec<&Vec<u8>> = got.entries.iter().map(|e| &e.path).collect();
+    assert_eq!(sent.len(), order.len());
+    assert!(sent == order, "the manifest is not every path once in depth-first order");
+    let at = |p: &[u8]| sent.iter().position(|s| s.as_slice() == p).unwrap();
+    assert!(at(b"tree/order/x/y/z") < at(b"tree/order/x-y"), "x's children come before x-y");
+    assert_eq!(added, 1_500 + 2 + 1 + expected.keys().filter(|k| k.starts_with(b"tree/")).count());
+    assert_eq!(progress.entries, expected.len() as u64);
+
+    let files: Vec<&Vec<u8>> = got.entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| &e.path).collect();
+    assert_eq!(files.len(), got.data.len());
+    for (path, data) in files.iter().zip(&got.data) {
+        let want = expected[*path].as_ref().unwrap_or_else(|| panic!("{path:?} sent as a file"));
+        assert!(data == want, "{:?} differs", String::from_utf8_lossy(path));
+    }
+    for e in got.entries.iter().filter(|e| expected[&e.path].is_none()) {
+        assert_eq!(e.kind, EntryKind::Dir, "{:?}", String::from_utf8_lossy(&e.path));
+    }
+}
+
 #[test]
 fn readers_streams_and_bytes_with_synthesised_parents() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();

@@ -1,12 +1,15 @@
-//! A local S3 server for the end-to-end benchmark (`benches/e2e.py --s3`): `s3s` + `s3s-fs`
-//! serving a directory (each subdirectory a bucket) on 127.0.0.1, so both shmback and restic
-//! upload to the same server over real HTTP.
+//! A local S3 server for the end-to-end benchmark (`benches/e2e.py --s3`): the in-process server
+//! of the uploader's S3 tests (`shmback_tests::s3_server`, no faults switched on) serving a
+//! directory (each subdirectory a bucket) on 127.0.0.1, so both shmback and restic upload to the
+//! same server over real HTTP.
 //!
 //! Usage: `shmback-s3-server <root dir> <port>`; credentials from `AWS_ACCESS_KEY_ID` /
 //! `AWS_SECRET_ACCESS_KEY`. Prints `listening on 127.0.0.1:<port>` once it accepts connections,
 //! and serves until killed.
 
 use std::io::Write as _;
+
+use shmback_tests::s3_server::S3Server;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -16,25 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let key = std::env::var("AWS_ACCESS_KEY_ID").map_err(|_| "set AWS_ACCESS_KEY_ID")?;
     let secret = std::env::var("AWS_SECRET_ACCESS_KEY").map_err(|_| "set AWS_SECRET_ACCESS_KEY")?;
     std::fs::create_dir_all(&root)?;
-    let service = {
-        let mut b = s3s::service::S3ServiceBuilder::new(
-            s3s_fs::FileSystem::new(&root).map_err(|e| format!("serving {root}: {e:?}"))?,
-        );
-        b.set_auth(s3s::auth::SimpleAuth::from_single(key, secret));
-        b.build()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        println!("listening on {}", listener.local_addr()?);
-        std::io::stdout().flush()?;
-        let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        loop {
-            let (socket, _) = listener.accept().await?;
-            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone()).into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    })
+    let server = S3Server::start(std::path::Path::new(&root), port, &key, &secret)?;
+    println!("listening on {}", server.addr());
+    std::io::stdout().flush()?;
+    // The server runs on its own threads until the process is killed.
+    loop {
+        std::thread::park();
+    }
 }

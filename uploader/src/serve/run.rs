@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use shmback_proto::{Consumer, RingConfig, Segment, SegmentOptions};
-use tracing::{error, info};
+use shmback_proto::{Consumer, RingConfig, RingError, Segment, SegmentError, SegmentOptions};
+use tracing::{error, info, warn};
 
 use super::batch::{Repo, open_repo};
 use super::options::{BatchOutcome, ServeOptions};
@@ -27,17 +27,64 @@ pub fn serve(
     on_batch: impl FnMut(&BatchOutcome),
 ) -> anyhow::Result<()> {
     let consumer = attach(path, opts)?;
-    serve_segment(repo, path, consumer, opts, stop.clone(), on_batch).map_err(|e| stopped(path, e))
+    serve_attached(repo, path, consumer, opts, stop, on_batch).map_err(|e| stopped(path, e))
 }
 
 /// Creates or attaches the segment at `path` as its consumer.
 fn attach(path: &Path, opts: &ServeOptions) -> anyhow::Result<Consumer<Segment>> {
-    let seg_opts = SegmentOptions { ring: RingConfig { tick: opts.tick, ..opts.segment.ring }, ..opts.segment.clone() };
-    Segment::consumer(path, &seg_opts).with_context(|| format!("serving segment {}", path.display()))
+    Segment::consumer(path, &segment_options(opts)).with_context(|| format!("serving segment {}", path.display()))
+}
+
+/// Serves the segment, attaching it again whenever its file turns out damaged (truncated or
+/// replaced by its producer under the mapping): the batch in flight is rejected, and once that
+/// producer has let go, attaching re-initialises the segment.
+fn serve_attached(
+    repo: &mut Repo,
+    path: &Path,
+    mut consumer: Consumer<Segment>,
+    opts: &ServeOptions,
+    stop: &Arc<AtomicBool>,
+    mut on_batch: impl FnMut(&BatchOutcome),
+) -> Result<(), SegmentStop> {
+    loop {
+        match serve_segment(repo, path, consumer, opts, stop.clone(), &mut on_batch) {
+            Err(SegmentStop::Ring(e @ RingError::SegmentDamaged { .. })) => {
+                warn!(segment = %path.display(), "{e}; attaching it again once its producer has let go");
+                match reattach(path, opts, stop)? {
+                    Some(again) => consumer = again,
+                    None => return Ok(()),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Attaches a damaged segment again, waiting (a tick at a time) while its producer still holds
+/// it; `None` if the daemon stops meanwhile.
+fn reattach(path: &Path, opts: &ServeOptions, stop: &AtomicBool) -> Result<Option<Consumer<Segment>>, SegmentStop> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match Segment::consumer(path, &segment_options(opts)) {
+            Ok(consumer) => return Ok(Some(consumer)),
+            Err(SegmentError::DamagedInUse { .. }) => std::thread::sleep(opts.tick),
+            Err(e) => return Err(SegmentStop::Attach(e)),
+        }
+    }
+}
+
+fn segment_options(opts: &ServeOptions) -> SegmentOptions {
+    SegmentOptions { ring: RingConfig { tick: opts.tick, ..opts.segment.ring }, ..opts.segment.clone() }
 }
 
 fn stopped(path: &Path, stop: SegmentStop) -> anyhow::Error {
     match stop {
+        SegmentStop::Attach(e) => anyhow::Error::new(e).context(format!(
+            "segment {} was damaged and could not be attached again; the uploader stopped serving it",
+            path.display()
+        )),
         SegmentStop::Ring(e) => anyhow::Error::new(e).context(format!(
             "segment {} can no longer be read; the uploader stopped serving it: check its producer, remove \
              the segment file while both sides are stopped, and restart",
@@ -86,8 +133,7 @@ pub fn serve_all(
                     .name(format!("serve:{}", path.file_name().map_or("".into(), |n| n.to_string_lossy())))
                     .spawn_scoped(scope, move || {
                         info!(segment = %path.display(), "serving");
-                        let result =
-                            serve_segment(&mut repo, path, consumer, opts, stop.clone(), |o| on_batch(path, o));
+                        let result = serve_attached(&mut repo, path, consumer, opts, stop, |o| on_batch(path, o));
                         result.map_err(|e| {
                             if matches!(e, SegmentStop::Repository(_)) {
                                 stop.store(true, Ordering::Relaxed);

@@ -18,8 +18,11 @@ use super::shutdown::Shutdown;
 /// Why serving a segment stopped before the daemon did.
 #[derive(Debug)]
 pub(crate) enum SegmentStop {
-    /// The ring can no longer be read: only this segment stops.
+    /// The ring can no longer be read: only this segment stops (or is attached again, if its
+    /// file was damaged).
     Ring(RingError),
+    /// Attaching the segment again after damage failed.
+    Attach(shmback_proto::SegmentError),
     /// The repository failed between batches: every segment stops (they share it).
     Repository(anyhow::Error),
 }
@@ -59,7 +62,16 @@ fn manifest_loop(
             }
             return Ok(());
         }
-        match pump.next_manifest_frame().map_err(SegmentStop::Ring)? {
+        let frame = match pump.next_manifest_frame() {
+            Ok(frame) => frame,
+            Err(e) => {
+                if let Some(m) = open.take() {
+                    reject(reporter, &mut pump, m.seq(), e.to_string(), RejectCode::Malformed);
+                }
+                return Err(SegmentStop::Ring(e));
+            }
+        };
+        match frame {
             ManifestFrame::Nothing => {
                 if let Some(why) = open.as_ref().and_then(|_| pump.stalled()) {
                     let seq = open.take().map_or(0, |m| m.seq());

@@ -256,8 +256,8 @@ where
             // shmback patch: 100 ms instead of 100 µs. The timeout only bounds how late a worker
             // panic is noticed (an item still returns as soon as it arrives), but at 100 µs a
             // consumer waiting on a slow worker woke 10 000 times a second, and crossbeam's
-            // backoff turned each wake into several sched_yield calls: ~19% of a core for as
-            // long as a producer stalled (docs/upstream/0002-pariter-wait-timeout.md).
+            // backoff turned each wake into several sched_yield calls: ~14% of a core for as
+            // long as a producer stalled (docs/upstream/0004-pariter-wait-timeout.md).
             match self
                 .inner
                 .as_ref()

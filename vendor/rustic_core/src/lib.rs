@@ -153,7 +153,7 @@ pub use crate::{
     },
     commands::{
         backup::{BackupOptions, ParentOptions},
-        check::{CheckOptions, CheckResults, ReadSubsetOption},
+        check::{CheckError, CheckErrorLevel, CheckOptions, CheckResults, ReadSubsetOption},
         config::ConfigOptions,
         copy::CopySnapshot,
         forget::{ForgetGroup, ForgetGroups, ForgetSnapshot, KeepOptions},

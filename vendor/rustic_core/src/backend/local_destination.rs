@@ -1,24 +1,26 @@
-#[cfg(not(windows))]
-use std::os::unix::fs::{PermissionsExt, symlink};
-
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{Read, Seek, SeekFrom, Write},
     num::TryFromIntError,
     path::{Path, PathBuf},
 };
 
+#[cfg(windows)]
+use std::fs::OpenOptions;
+
 use bytes::Bytes;
-use filetime::{FileTime, set_symlink_file_times};
+use filetime::FileTime;
+#[cfg(windows)]
+use filetime::set_symlink_file_times;
 #[cfg(not(windows))]
 use log::warn;
 #[cfg(not(windows))]
 use nix::errno::Errno;
 #[cfg(not(windows))]
-use nix::sys::stat::{Mode, SFlag, mknod};
+use nix::sys::stat::{Mode, SFlag, mknodat};
 #[cfg(not(windows))]
 use nix::{
-    fcntl::{AT_FDCWD, AtFlags},
+    fcntl::AtFlags,
     unistd::{Gid, Uid, fchownat},
 };
 
@@ -64,6 +66,7 @@ pub enum LocalDestinationErrorKind {
     /// directory creation failed: `{0:?}`
     DirectoryCreationFailed(std::io::Error),
     /// file `{0:?}` should have a parent
+    #[cfg_attr(not(windows), allow(dead_code))]
     FileDoesNotHaveParent(PathBuf),
     #[cfg(any(
         target_os = "macos",
@@ -219,6 +222,97 @@ impl LocalDestination {
         }
     }
 
+    /// The entry `item` (relative to the base path) as a directory descriptor and a name in it,
+    /// reached without following any symlink below the base path. With `create`, missing
+    /// directories on the way are created and symlinks in their place replaced by directories.
+    ///
+    /// The base path itself (and, for a single-file destination, the file) is the caller's
+    /// choice and is followed.
+    #[cfg(not(windows))]
+    fn target(&self, item: impl AsRef<Path>, create: bool) -> std::io::Result<nofollow::Target> {
+        let root_entry = |path: &Path| -> std::io::Result<nofollow::Target> {
+            match (path.parent(), path.file_name()) {
+                (Some(parent), Some(name)) => Ok(nofollow::Target {
+                    dir: nofollow::open_root(parent)?,
+                    name: name.to_os_string(),
+                    follow: true,
+                    shown: path.to_path_buf(),
+                }),
+                _ => Ok(nofollow::Target {
+                    dir: nofollow::open_root(path)?,
+                    name: ".".into(),
+                    follow: true,
+                    shown: path.to_path_buf(),
+                }),
+            }
+        };
+        if self.is_file {
+            return root_entry(&self.path);
+        }
+        let item = item.as_ref();
+        let comps = nofollow::components(item)?;
+        let Some((name, dirs)) = comps.split_last() else {
+            return root_entry(&self.path);
+        };
+        let mut dir = nofollow::open_root(&self.path)?;
+        let mut shown = self.path.clone();
+        for c in dirs {
+            shown.push(c);
+            dir = nofollow::subdir(&dir, c, create, &shown)?;
+        }
+        shown.push(name);
+        Ok(nofollow::Target {
+            dir,
+            name: name.to_os_string(),
+            follow: false,
+            shown,
+        })
+    }
+
+    /// Removes the file `item` (relative to the base path) without following symlinks; a
+    /// missing file is fine. Used for files whose contents could not be restored.
+    ///
+    /// # Errors
+    ///
+    /// * If the file exists and could not be removed.
+    #[cfg(not(windows))]
+    pub(crate) fn remove_restored_file(
+        &self,
+        item: impl AsRef<Path>,
+    ) -> LocalDestinationResult<()> {
+        let t = self
+            .target(item, false)
+            .map_err(LocalDestinationErrorKind::FileRemovalFailed)?;
+        match nix::unistd::unlinkat(
+            &t.dir,
+            t.name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(LocalDestinationErrorKind::FileRemovalFailed(nofollow::at(
+                &t.shown, e,
+            ))),
+        }
+    }
+
+    /// Removes the file `item` (relative to the base path); a missing file is fine.
+    ///
+    /// # Errors
+    ///
+    /// * If the file exists and could not be removed.
+    #[cfg(windows)]
+    pub(crate) fn remove_restored_file(
+        &self,
+        item: impl AsRef<Path>,
+    ) -> LocalDestinationResult<()> {
+        match fs::remove_file(self.path(item)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(LocalDestinationErrorKind::FileRemovalFailed(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Remove the given directory (relative to the base path)
     ///
     /// # Arguments
@@ -272,8 +366,23 @@ impl LocalDestination {
     ///
     /// This will create the directory structure recursively.
     pub(crate) fn create_dir(&self, item: impl AsRef<Path>) -> LocalDestinationResult<()> {
-        let dirname = self.path.join(item);
-        fs::create_dir_all(dirname).map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+        #[cfg(not(windows))]
+        {
+            let item = item.as_ref();
+            let comps = nofollow::components(item)
+                .map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            let mut dir = nofollow::open_root(&self.path)
+                .map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            let mut shown = self.path.clone();
+            for c in comps {
+                shown.push(c);
+                dir = nofollow::subdir(&dir, c, true, &shown)
+                    .map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            }
+        }
+        #[cfg(windows)]
+        fs::create_dir_all(self.path.join(item))
+            .map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
         Ok(())
     }
 
@@ -292,15 +401,36 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         meta: &Metadata,
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
         if let Some(mtime) = meta.mtime {
             let atime = meta.atime.unwrap_or(mtime);
-            set_symlink_file_times(
-                filename,
-                FileTime::from_system_time(atime.into()),
-                FileTime::from_system_time(mtime.into()),
-            )
-            .map_err(LocalDestinationErrorKind::SettingTimeMetadataFailed)?;
+            let atime = FileTime::from_system_time(atime.into());
+            let mtime = FileTime::from_system_time(mtime.into());
+            #[cfg(not(windows))]
+            {
+                use nix::sys::{stat::UtimensatFlags, time::TimeSpec};
+                let t = self
+                    .target(item, false)
+                    .map_err(LocalDestinationErrorKind::SettingTimeMetadataFailed)?;
+                let spec = |ft: FileTime| TimeSpec::new(ft.unix_seconds(), ft.nanoseconds().into());
+                let flag = if t.follow {
+                    UtimensatFlags::FollowSymlink
+                } else {
+                    UtimensatFlags::NoFollowSymlink
+                };
+                nix::sys::stat::utimensat(
+                    &t.dir,
+                    t.name.as_os_str(),
+                    &spec(atime),
+                    &spec(mtime),
+                    flag,
+                )
+                .map_err(|e| {
+                    LocalDestinationErrorKind::SettingTimeMetadataFailed(nofollow::at(&t.shown, e))
+                })?;
+            }
+            #[cfg(windows)]
+            set_symlink_file_times(self.path(item), atime, mtime)
+                .map_err(LocalDestinationErrorKind::SettingTimeMetadataFailed)?;
         }
 
         Ok(())
@@ -347,8 +477,6 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         meta: &Metadata,
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
-
         let user = meta.user.clone().and_then(helpers::uid_from_name);
         // use uid from user if valid, else from saved uid (if saved)
         let uid = user.or_else(|| meta.uid.map(Uid::from_raw));
@@ -357,7 +485,21 @@ impl LocalDestination {
         // use gid from group if valid, else from saved gid (if saved)
         let gid = group.or_else(|| meta.gid.map(Gid::from_raw));
 
-        fchownat(AT_FDCWD, &filename, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
+        self.chown(item, uid, gid)
+    }
+
+    #[cfg(not(windows))]
+    /// Changes owner and group of `item` without following symlinks.
+    fn chown(
+        &self,
+        item: impl AsRef<Path>,
+        uid: Option<Uid>,
+        gid: Option<Gid>,
+    ) -> LocalDestinationResult<()> {
+        let t = self
+            .target(item, false)
+            .map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
+        fchownat(&t.dir, t.name.as_os_str(), uid, gid, t.at_flags())
             .map_err(LocalDestinationErrorKind::FromErrnoError)?;
         Ok(())
     }
@@ -400,14 +542,10 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         meta: &Metadata,
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
-
         let uid = meta.uid.map(Uid::from_raw);
         let gid = meta.gid.map(Gid::from_raw);
 
-        fchownat(AT_FDCWD, &filename, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(LocalDestinationErrorKind::FromErrnoError)?;
-        Ok(())
+        self.chown(item, uid, gid)
     }
 
     #[cfg(windows)]
@@ -452,12 +590,29 @@ impl LocalDestination {
             return Ok(());
         }
 
-        let filename = self.path(item);
-
         if let Some(mode) = node.meta.mode {
             let mode = map_mode_from_go(mode);
-            fs::set_permissions(filename, fs::Permissions::from_mode(mode))
+            let t = self
+                .target(item, false)
                 .map_err(LocalDestinationErrorKind::SettingFilePermissionsFailed)?;
+            // chmod has no portable no-follow form: look first, and never chmod a symlink
+            // (that would change its target).
+            if !t.follow
+                && t.kind()
+                    .map_err(LocalDestinationErrorKind::SettingFilePermissionsFailed)?
+                    == Some(SFlag::S_IFLNK)
+            {
+                return Ok(());
+            }
+            nix::sys::stat::fchmodat(
+                &t.dir,
+                t.name.as_os_str(),
+                Mode::from_bits_truncate(mode),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| {
+                LocalDestinationErrorKind::SettingFilePermissionsFailed(nofollow::at(&t.shown, e))
+            })?;
         }
         Ok(())
     }
@@ -510,7 +665,28 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         extended_attributes: &[ExtendedAttribute],
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
+        let item = item.as_ref();
+        // The xattr calls take a path (and do not follow a final symlink); on Linux the path
+        // goes through the directory descriptor reached without following symlinks, elsewhere
+        // it is the lexical path (the walk has just checked it).
+        let t = self.target(item, false).map_err(|source| {
+            LocalDestinationErrorKind::ListingXattrsFailed {
+                path: self.path(item),
+                source,
+            }
+        })?;
+        #[cfg(target_os = "linux")]
+        let filename = {
+            use std::os::fd::AsRawFd;
+            let via_fd = PathBuf::from(format!("/proc/self/fd/{}", t.dir.as_raw_fd()));
+            if via_fd.exists() {
+                via_fd.join(&t.name)
+            } else {
+                t.shown.clone()
+            }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let filename = t.shown.clone();
         let mut done = vec![false; extended_attributes.len()];
 
         for curr_name in xattr::list(&filename).map_err(|err| {
@@ -590,19 +766,29 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         size: u64,
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
-        let dir = filename
-            .parent()
-            .ok_or_else(|| LocalDestinationErrorKind::FileDoesNotHaveParent(filename.clone()))?;
-        fs::create_dir_all(dir).map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
-
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(filename)
-            .map_err(LocalDestinationErrorKind::OpeningFileFailed)?
-            .set_len(size)
+        #[cfg(not(windows))]
+        let file = {
+            let t = self
+                .target(item, true)
+                .map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            nofollow::open_file(&t, true, true)
+                .map_err(LocalDestinationErrorKind::OpeningFileFailed)?
+        };
+        #[cfg(windows)]
+        let file = {
+            let filename = self.path(item);
+            let dir = filename.parent().ok_or_else(|| {
+                LocalDestinationErrorKind::FileDoesNotHaveParent(filename.clone())
+            })?;
+            fs::create_dir_all(dir).map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(filename)
+                .map_err(LocalDestinationErrorKind::OpeningFileFailed)?
+        };
+        file.set_len(size)
             .map_err(LocalDestinationErrorKind::SettingFileLengthFailed)?;
         Ok(())
     }
@@ -650,18 +836,28 @@ impl LocalDestination {
         item: impl AsRef<Path>,
         node: &Node,
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
+        let t = self
+            .target(item, false)
+            .map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
+        let filename = t.shown.clone();
 
         match &node.node_type {
             NodeType::Symlink { .. } => {
                 let linktarget = node.node_type.to_link();
-                symlink(linktarget, &filename).map_err(|err| {
-                    LocalDestinationErrorKind::SymlinkingFailed {
-                        linktarget: linktarget.to_path_buf(),
-                        filename,
-                        source: err,
+                match nix::unistd::symlinkat(linktarget, &t.dir, t.name.as_os_str()) {
+                    Ok(()) => {}
+                    // Restoring into the same place again: the same link is already there.
+                    Err(Errno::EEXIST)
+                        if nix::fcntl::readlinkat(&t.dir, t.name.as_os_str())
+                            .is_ok_and(|l| Path::new(&l) == linktarget) => {}
+                    Err(e) => {
+                        return Err(LocalDestinationErrorKind::SymlinkingFailed {
+                            linktarget: linktarget.to_path_buf(),
+                            filename,
+                            source: e.into(),
+                        });
                     }
-                })?;
+                }
             }
             NodeType::Dev { device } => {
                 #[cfg(not(any(
@@ -686,8 +882,14 @@ impl LocalDestination {
                         source: err,
                     }
                 })?;
-                mknod(&filename, SFlag::S_IFBLK, Mode::empty(), device)
-                    .map_err(LocalDestinationErrorKind::FromErrnoError)?;
+                mknodat(
+                    &t.dir,
+                    t.name.as_os_str(),
+                    SFlag::S_IFBLK,
+                    Mode::empty(),
+                    device,
+                )
+                .map_err(LocalDestinationErrorKind::FromErrnoError)?;
             }
             NodeType::Chardev { device } => {
                 #[cfg(not(any(
@@ -712,16 +914,28 @@ impl LocalDestination {
                         source: err,
                     }
                 })?;
-                mknod(&filename, SFlag::S_IFCHR, Mode::empty(), device)
-                    .map_err(LocalDestinationErrorKind::FromErrnoError)?;
+                mknodat(
+                    &t.dir,
+                    t.name.as_os_str(),
+                    SFlag::S_IFCHR,
+                    Mode::empty(),
+                    device,
+                )
+                .map_err(LocalDestinationErrorKind::FromErrnoError)?;
             }
             NodeType::Fifo => {
-                mknod(&filename, SFlag::S_IFIFO, Mode::empty(), 0)
+                mknodat(&t.dir, t.name.as_os_str(), SFlag::S_IFIFO, Mode::empty(), 0)
                     .map_err(LocalDestinationErrorKind::FromErrnoError)?;
             }
             NodeType::Socket => {
-                mknod(&filename, SFlag::S_IFSOCK, Mode::empty(), 0)
-                    .map_err(LocalDestinationErrorKind::FromErrnoError)?;
+                mknodat(
+                    &t.dir,
+                    t.name.as_os_str(),
+                    SFlag::S_IFSOCK,
+                    Mode::empty(),
+                    0,
+                )
+                .map_err(LocalDestinationErrorKind::FromErrnoError)?;
             }
             _ => {}
         }
@@ -748,9 +962,14 @@ impl LocalDestination {
         offset: u64,
         length: u64,
     ) -> LocalDestinationResult<Bytes> {
-        let filename = self.path(item);
+        #[cfg(not(windows))]
+        let mut file = self
+            .target(item, false)
+            .and_then(|t| nofollow::open_file(&t, false, false))
+            .map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
+        #[cfg(windows)]
         let mut file =
-            File::open(filename).map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
+            File::open(self.path(item)).map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
         _ = file
             .seek(SeekFrom::Start(offset))
             .map_err(LocalDestinationErrorKind::CouldNotSeekToPositionInFile)?;
@@ -781,17 +1000,20 @@ impl LocalDestination {
     /// If a file exists and size matches, this returns a `File` open for reading.
     /// In all other cases, returns `None`
     pub fn get_matching_file(&self, item: impl AsRef<Path>, size: u64) -> Option<File> {
-        let filename = self.path(item);
-        fs::symlink_metadata(&filename).map_or_else(
-            |_| None,
-            |meta| {
-                if meta.is_file() && meta.len() == size {
-                    File::open(&filename).ok()
-                } else {
-                    None
-                }
-            },
-        )
+        #[cfg(not(windows))]
+        let file = {
+            let t = self.target(item, false).ok()?;
+            nofollow::open_file(&t, false, false).ok()?
+        };
+        #[cfg(windows)]
+        let file = {
+            let filename = self.path(item);
+            if !fs::symlink_metadata(&filename).ok()?.is_file() {
+                return None;
+            }
+            File::open(&filename).ok()?
+        };
+        (file.metadata().ok()?.len() == size).then_some(file)
     }
 
     /// Write `data` to given item (relative to the base path) at `offset`
@@ -817,12 +1039,17 @@ impl LocalDestination {
         offset: u64,
         data: &[u8],
     ) -> LocalDestinationResult<()> {
-        let filename = self.path(item);
+        #[cfg(not(windows))]
+        let mut file = self
+            .target(item, false)
+            .and_then(|t| nofollow::open_file(&t, true, true))
+            .map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
+        #[cfg(windows)]
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(filename)
+            .open(self.path(item))
             .map_err(LocalDestinationErrorKind::OpeningFileFailed)?;
         _ = file
             .seek(SeekFrom::Start(offset))
@@ -849,19 +1076,233 @@ impl LocalDestination {
         source_item: impl AsRef<Path>,
         item: impl AsRef<Path>,
     ) -> LocalDestinationResult<()> {
-        let source_path = self.path(source_item);
-        let filename = self.path(item);
-        let dir = filename
-            .parent()
-            .ok_or_else(|| LocalDestinationErrorKind::FileDoesNotHaveParent(filename.clone()))?;
-        fs::create_dir_all(dir).map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
-        fs::hard_link(&source_path, &filename).map_err(|err| {
-            LocalDestinationErrorKind::HardLinkingFailed {
-                source_path,
-                filename,
-                source: err,
-            }
-        })?;
+        let source_path = self.path(&source_item);
+        let filename = self.path(&item);
+        #[cfg(not(windows))]
+        {
+            let link = |source: std::io::Error| LocalDestinationErrorKind::HardLinkingFailed {
+                source_path: source_path.clone(),
+                filename: filename.clone(),
+                source,
+            };
+            let from = self.target(source_item, false).map_err(link)?;
+            let to = self.target(item, true).map_err(link)?;
+            // linkat without AT_SYMLINK_FOLLOW links a symlink itself, never its target.
+            nix::unistd::linkat(
+                &from.dir,
+                from.name.as_os_str(),
+                &to.dir,
+                to.name.as_os_str(),
+                AtFlags::empty(),
+            )
+            .map_err(|e| link(e.into()))?;
+        }
+        #[cfg(windows)]
+        {
+            let dir = filename.parent().ok_or_else(|| {
+                LocalDestinationErrorKind::FileDoesNotHaveParent(filename.clone())
+            })?;
+            fs::create_dir_all(dir).map_err(LocalDestinationErrorKind::DirectoryCreationFailed)?;
+            fs::hard_link(&source_path, &filename).map_err(|err| {
+                LocalDestinationErrorKind::HardLinkingFailed {
+                    source_path,
+                    filename,
+                    source: err,
+                }
+            })?;
+        }
         Ok(())
+    }
+}
+
+/// Walking below the destination root without following symlinks.
+///
+/// Every path a restore touches is reached from a directory file descriptor, one component at a
+/// time, with `O_NOFOLLOW`; the final operation uses the `*at` call on that descriptor with
+/// `AT_SYMLINK_NOFOLLOW`. A symlink already in the destination (or restored from an earlier
+/// snapshot) therefore never redirects a write outside the destination root.
+#[cfg(not(windows))]
+mod nofollow {
+    use std::{
+        ffi::{OsStr, OsString},
+        fs::File,
+        io,
+        os::fd::OwnedFd,
+        path::{Component, Path, PathBuf},
+    };
+
+    use log::warn;
+    use nix::{
+        errno::Errno,
+        fcntl::{AtFlags, OFlag, openat, readlinkat},
+        sys::stat::{Mode, SFlag, fstatat, mkdirat},
+        unistd::{UnlinkatFlags, unlinkat},
+    };
+
+    /// An entry to operate on: the directory holding it, its name there, whether a symlink in
+    /// its place may be followed (only for the root the caller named), and its full path for
+    /// messages.
+    pub(super) struct Target {
+        pub(super) dir: OwnedFd,
+        pub(super) name: OsString,
+        pub(super) follow: bool,
+        pub(super) shown: PathBuf,
+    }
+
+    impl Target {
+        /// `AT_SYMLINK_NOFOLLOW` unless this target may be followed.
+        pub(super) fn at_flags(&self) -> AtFlags {
+            if self.follow {
+                AtFlags::empty()
+            } else {
+                AtFlags::AT_SYMLINK_NOFOLLOW
+            }
+        }
+
+        /// The entry's type, not following a symlink; `None` if it does not exist.
+        pub(super) fn kind(&self) -> io::Result<Option<SFlag>> {
+            kind(&self.dir, &self.name, &self.shown)
+        }
+    }
+
+    /// An `io::Error` naming `path`.
+    pub(super) fn at(path: &Path, err: Errno) -> io::Error {
+        let e = io::Error::from(err);
+        io::Error::new(e.kind(), format!("`{}`: {e}", path.display()))
+    }
+
+    fn refuse(path: &Path, why: &str) -> io::Error {
+        io::Error::other(format!("`{}` {why}", path.display()))
+    }
+
+    fn kind(dir: &OwnedFd, name: &OsStr, shown: &Path) -> io::Result<Option<SFlag>> {
+        match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(SFlag::from_bits_truncate(
+                st.st_mode & SFlag::S_IFMT.bits(),
+            ))),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(at(shown, e)),
+        }
+    }
+
+    /// Removes the symlink `name` in `dir` (the link, never its target), saying so.
+    fn replace_symlink(dir: &OwnedFd, name: &OsStr, shown: &Path, by: &str) -> io::Result<()> {
+        let target = readlinkat(dir, name).unwrap_or_default();
+        warn!(
+            "{}: replacing the symlink (to {}) by the snapshot's {by}; the link's target is left alone",
+            shown.display(),
+            target.to_string_lossy()
+        );
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(|e| at(shown, e))
+    }
+
+    /// The components of `item`; anything that could leave the root (`..`, an absolute path)
+    /// is refused.
+    pub(super) fn components(item: &Path) -> io::Result<Vec<&OsStr>> {
+        item.components()
+            .filter_map(|c| match c {
+                Component::CurDir => None,
+                Component::Normal(n) => Some(Ok(n)),
+                _ => Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "`{}` would leave the restore destination (absolute or `..`): refused",
+                        item.display()
+                    ),
+                ))),
+            })
+            .collect()
+    }
+
+    /// Opens a directory the caller named (symlinks followed: it is the caller's choice).
+    pub(super) fn open_root(path: &Path) -> io::Result<OwnedFd> {
+        let path = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
+        let fd = openat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| at(path, e))?;
+        Ok(fd)
+    }
+
+    /// Opens `name` in `dir` as a directory, never through a symlink. With `create`, a missing
+    /// directory is created and a symlink in its place is replaced by a new directory;
+    /// without, a symlink is an error.
+    pub(super) fn subdir(
+        dir: &OwnedFd,
+        name: &OsStr,
+        create: bool,
+        shown: &Path,
+    ) -> io::Result<OwnedFd> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // Bounded: each round fixes one cause (missing, symlink); a third failure means the
+        // destination is being changed under us.
+        for _ in 0..3 {
+            match openat(dir, name, flags, Mode::empty()) {
+                Ok(fd) => return Ok(fd),
+                Err(Errno::ENOENT) if create => {
+                    match mkdirat(dir, name, Mode::from_bits_truncate(0o777)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(at(shown, e)),
+                    }
+                }
+                Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
+                    let found = kind(dir, name, shown)?;
+                    if found == Some(SFlag::S_IFLNK) {
+                        if !create {
+                            return Err(refuse(shown, "is a symlink: not followed"));
+                        }
+                        replace_symlink(dir, name, shown, "directory")?;
+                    } else if found.is_some() {
+                        return Err(refuse(shown, "exists and is not a directory"));
+                    } else {
+                        return Err(at(shown, e));
+                    }
+                }
+                Err(e) => return Err(at(shown, e)),
+            }
+        }
+        Err(refuse(shown, "keeps changing while being restored"))
+    }
+
+    /// Opens the target as a file: for writing (created with `create`) or reading. A symlink
+    /// in its place is replaced when creating, an error otherwise; anything but a regular file
+    /// is refused (a FIFO would block, a device must not be written).
+    pub(super) fn open_file(t: &Target, write: bool, create: bool) -> io::Result<File> {
+        let mut flags = OFlag::O_CLOEXEC;
+        flags |= if write {
+            OFlag::O_WRONLY
+        } else {
+            OFlag::O_RDONLY
+        };
+        if create {
+            flags |= OFlag::O_CREAT;
+        }
+        if !t.follow {
+            flags |= OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
+        }
+        let mode = Mode::from_bits_truncate(0o666);
+        let fd = match openat(&t.dir, t.name.as_os_str(), flags, mode) {
+            Err(Errno::ELOOP) if !t.follow => {
+                if !create || t.kind()? != Some(SFlag::S_IFLNK) {
+                    return Err(refuse(&t.shown, "is a symlink: not followed"));
+                }
+                replace_symlink(&t.dir, &t.name, &t.shown, "file")?;
+                openat(&t.dir, t.name.as_os_str(), flags | OFlag::O_EXCL, mode)
+            }
+            r => r,
+        }
+        .map_err(|e| at(&t.shown, e))?;
+        let file = File::from(fd);
+        if !t.follow && !file.metadata()?.is_file() {
+            return Err(refuse(&t.shown, "exists and is not a regular file"));
+        }
+        Ok(file)
     }
 }

@@ -740,11 +740,22 @@ fn check_pack(
         hasher.update(&data);
 
         for (blob, blob_id) in chunk.blobs {
-            let mut blob_data = be.decrypt(&data.split_to(blob.length as usize))?;
+            let raw = data.split_to(blob.length as usize);
+            p.inc(blob.length.into());
+            // A damaged blob is reported by pack and blob id; the pack's other blobs are
+            // still checked.
+            let Ok(mut blob_data) = be.decrypt(&raw) else {
+                collector.add_error(CheckError::PackBlobDecryptFailed { id, blob_id });
+                continue;
+            };
 
             // TODO: this is identical to backend/decrypt.rs; unify these two parts!
             if let Some(length) = blob.uncompressed_length {
-                blob_data = decode_all(&*blob_data).unwrap();
+                let Ok(decoded) = decode_all(&*blob_data) else {
+                    collector.add_error(CheckError::PackBlobDecompressFailed { id, blob_id });
+                    continue;
+                };
+                blob_data = decoded;
                 if blob_data.len() != length.get() as usize {
                     collector.add_error(CheckError::PackBlobLengthMismatch { id, blob_id });
                 }
@@ -758,7 +769,6 @@ fn check_pack(
                     comp_id,
                 });
             }
-            p.inc(blob.length.into());
         }
     }
 
@@ -785,7 +795,10 @@ fn check_pack(
     }
 
     // check header
-    let header = be.decrypt(&data.split_to(header_len as usize))?;
+    let Ok(header) = be.decrypt(&data.split_to(header_len as usize)) else {
+        collector.add_error(CheckError::PackHeaderDecryptFailed { id });
+        return Ok(());
+    };
     let pack_blobs = PackHeader::from_binary(&header)
         .map_err(|err| {
             RusticError::with_source(
@@ -827,9 +840,12 @@ fn check_pack(
     Ok(())
 }
 
+/// A problem found by `check`; each variant's message says what and, where there is one, the repair.
 #[non_exhaustive]
 #[derive(Error, Debug, Display)]
 #[allow(clippy::doc_markdown)]
+// The fields are named in each variant's message.
+#[allow(missing_docs)]
 pub enum CheckError {
     /// error reading pack {id} : {source}
     ErrorReadingPack {
@@ -952,6 +968,12 @@ pub enum CheckError {
         blob_id: BlobId,
         comp_id: BlobId,
     },
+    /// pack {id} is damaged: blob {blob_id} cannot be decrypted (MAC check failed), so files using it cannot be restored. To repair: salvage or remove the pack (restic: 'restic repair packs {id}'), then 'repair index' and 'repair snapshots'.
+    PackBlobDecryptFailed { id: PackId, blob_id: BlobId },
+    /// pack {id} is damaged: blob {blob_id} decrypts but cannot be decompressed. To repair: salvage or remove the pack (restic: 'restic repair packs {id}'), then 'repair index' and 'repair snapshots'.
+    PackBlobDecompressFailed { id: PackId, blob_id: BlobId },
+    /// pack {id} is damaged: its header cannot be decrypted (MAC check failed). To repair: salvage or remove the pack (restic: 'restic repair packs {id}'), then 'repair index' and 'repair snapshots'.
+    PackHeaderDecryptFailed { id: PackId },
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -6,7 +6,12 @@ use log::{debug, error, info, trace, warn};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use std::{cmp::Ordering, collections::BTreeMap, path::PathBuf, sync::Mutex};
+use std::{
+    cmp::Ordering,
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Mutex, PoisonError},
+};
 
 use itertools::Itertools;
 use rayon::ThreadPoolBuilder;
@@ -31,6 +36,11 @@ pub(crate) mod constants {
 }
 
 type Filenames = Vec<PathBuf>;
+/// Entries that could not be restored, with the reason.
+type Failures = BTreeMap<PathBuf, String>;
+
+/// Failures listed in full in the error; the rest are counted (all are logged as they happen).
+const FAILURES_SHOWN: usize = 20;
 type RestoreInfo = BTreeMap<(PackId, BlobLocation), SmallVec<[FileLocation; 1]>>;
 
 #[allow(clippy::struct_excessive_bools)]
@@ -131,7 +141,8 @@ pub(crate) fn restore_repository<S: IndexedTree>(
     dest: &LocalDestination,
 ) -> RusticResult<()> {
     repo.warm_up_wait(file_infos.to_packs().into_iter())?;
-    restore_contents(
+    let mut failed = file_infos.failed;
+    failed.extend(restore_contents(
         repo,
         dest,
         &file_infos.names,
@@ -139,13 +150,42 @@ pub(crate) fn restore_repository<S: IndexedTree>(
         file_infos.r,
         file_infos.restore_size,
         opts.sparse.unwrap_or_default(),
-    )?;
+    )?);
 
     let p = repo.progress_spinner("setting metadata...");
-    restore_metadata(node_streamer, &file_infos.hardlink_candidates, opts, dest)?;
+    restore_metadata(
+        node_streamer,
+        &file_infos.hardlink_candidates,
+        opts,
+        dest,
+        &mut failed,
+    )?;
     p.finish();
 
-    Ok(())
+    if failed.is_empty() {
+        return Ok(());
+    }
+    // Everything else is restored; the caller must still learn that this restore is incomplete.
+    let mut list: Vec<String> = failed
+        .iter()
+        .take(FAILURES_SHOWN)
+        .map(|(path, why)| format!("{}: {why}", path.display()))
+        .collect();
+    if failed.len() > FAILURES_SHOWN {
+        list.push(format!("... and {} more", failed.len() - FAILURES_SHOWN));
+    }
+    Err(RusticError::new(
+        ErrorKind::InputOutput,
+        "{count} entries could not be restored (all others were; files whose contents could not be restored were removed, not left incomplete):\n{failures}",
+    )
+    .attach_context("count", failed.len().to_string())
+    .attach_context("failures", list.join("\n")))
+}
+
+/// Records that `path` could not be restored.
+fn record_failure(failed: &mut Failures, path: &std::path::Path, why: String) {
+    error!("restore {}: {why}", path.display());
+    _ = failed.entry(path.to_path_buf()).or_insert(why);
 }
 
 /// Collect restore information, scan existing files, create needed dirs and remove superfluous files
@@ -249,16 +289,12 @@ pub(crate) fn collect_and_prepare<S: IndexedFull>(
                 } else {
                     stats.dirs.restore += 1;
                     debug!("to restore: {}", path.display());
-                    if !dry_run {
-                        dest.create_dir(path)
-                            .map_err(|err| {
-                                RusticError::with_source(
-                                    ErrorKind::InputOutput,
-                                    "Failed to create the directory `{path}`. Please check the path and try again.",
-                                    err
-                                )
-                                .attach_context("path", path.display().to_string())
-                            })?;
+                    if !dry_run && let Err(err) = dest.create_dir(path) {
+                        record_failure(
+                            &mut restore_infos.failed,
+                            path,
+                            format!("directory not created: {err}"),
+                        );
                     }
                 }
             }
@@ -273,10 +309,24 @@ pub(crate) fn collect_and_prepare<S: IndexedFull>(
                     }
                 }
                 // collect blobs needed for restoring
-                match (
-                    exists,
-                    restore_infos.add_file(dest, node, path.clone(), repo, opts.verify_existing)?,
+                let added = match restore_infos.add_file(
+                    dest,
+                    node,
+                    path.clone(),
+                    repo,
+                    opts.verify_existing,
                 ) {
+                    Ok(added) => added,
+                    Err(err) => {
+                        record_failure(
+                            &mut restore_infos.failed,
+                            path,
+                            format!("not restored: {}", err.display_log()),
+                        );
+                        return Ok(());
+                    }
+                };
+                match (exists, added) {
                     // Note that exists = false and Existing or Verified can happen if the file is changed between scanning the dir
                     // and calling add_file. So we don't care about exists but trust add_file here.
                     (_, AddFileResult::Existing) => {
@@ -327,16 +377,18 @@ pub(crate) fn collect_and_prepare<S: IndexedFull>(
                     }
                     Ordering::Equal => {
                         // process existing node
-                        if (node.is_dir() && !destination.file_type().is_dir())
+                        let mismatch = (node.is_dir() && !destination.file_type().is_dir())
                             || (node.is_file() && !destination.file_type().is_file())
-                            || node.is_special()
-                        {
+                            || node.is_special();
+                        if mismatch {
                             // if types do not match, first remove the existing file
                             next_dst = process_existing(&mut walker, destination)?;
                         } else {
                             next_dst = next_entry(&mut walker);
                         }
-                        process_node(path, node, true)?;
+                        // Something else in a directory's place (e.g. a symlink) still gets
+                        // the directory created: never write below it through that entry.
+                        process_node(path, node, !mismatch)?;
                         next_node = node_streamer.next().transpose()?;
                     }
                     Ordering::Greater => {
@@ -378,6 +430,7 @@ fn restore_metadata(
     hardlink_candidates: &BTreeMap<HardlinkKey, PathBuf>,
     opts: RestoreOptions,
     dest: &LocalDestination,
+    failed: &mut Failures,
 ) -> RusticResult<()> {
     let mut dir_stack = Vec::new();
     while let Some((path, node)) = node_streamer.next().transpose()? {
@@ -391,15 +444,25 @@ fn restore_metadata(
                 path.display(),
                 canonical.display()
             );
-            dest.hard_link(canonical, &path).map_err(|err| {
-                RusticError::with_source(
-                    ErrorKind::InputOutput,
-                    "Failed to recreate the hardlink `{path}` from `{canonical}`.",
-                    err,
-                )
-                .attach_context("path", path.display().to_string())
-                .attach_context("canonical", canonical.display().to_string())
-            })?;
+            if failed.contains_key(canonical) {
+                record_failure(
+                    failed,
+                    &path,
+                    format!(
+                        "hardlink to {} not created: that file was not restored",
+                        canonical.display()
+                    ),
+                );
+                continue;
+            }
+            if let Err(err) = dest.hard_link(canonical, &path) {
+                record_failure(failed, &path, format!("hardlink not created: {err}"));
+                continue;
+            }
+        }
+        if failed.contains_key(&path) {
+            // Not restored (its error is reported): no metadata to set on it.
+            continue;
         }
 
         match node.node_type {
@@ -535,21 +598,31 @@ fn restore_contents<S: Open>(
     restore_info: RestoreInfo,
     restore_size: u64,
     sparse: SparseRestore,
-) -> RusticResult<()> {
+) -> RusticResult<Failures> {
     let be = repo.dbe();
+    // By file index: why that file's contents could not be restored.
+    let failed_idx: &Mutex<BTreeMap<usize, String>> = &Mutex::new(BTreeMap::new());
+    let fail = |file_idx: usize, why: String| {
+        let mut failed = failed_idx.lock().unwrap_or_else(PoisonError::into_inner);
+        if !failed.contains_key(&file_idx) {
+            error!("restore {}: {why}", filenames[file_idx].display());
+            _ = failed.insert(file_idx, why);
+        }
+    };
+    let has_failed = |file_idx: usize| {
+        failed_idx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&file_idx)
+    };
 
     // first create needed empty files, as they are not created later.
     for (i, size) in file_lengths.iter().enumerate() {
         if *size == 0 {
             let path = &filenames[i];
-            dest.set_length(path, *size).map_err(|err| {
-                RusticError::with_source(
-                    ErrorKind::InputOutput,
-                    "Failed to set the length of the file `{path}`. Please check the path and try again.",
-                    err,
-                )
-                .attach_context("path", path.display().to_string())
-            })?;
+            if let Err(err) = dest.set_length(path, *size) {
+                fail(i, format!("not created: {err}"));
+            }
         }
     }
 
@@ -609,20 +682,45 @@ fn restore_contents<S: Open>(
         } in packs
         {
             let p = &p;
+            let fail = &fail;
+            let has_failed = &has_failed;
 
             if !blobs.is_empty() {
-                // TODO: error handling!
                 s.spawn(move |s1| {
                     let read_data = match &from_file {
                         Some((file_idx, offset_file, length_file)) => {
                             // read from existing file
                             dest.read_at(&filenames[*file_idx], *offset_file, (*length_file).into())
-                                .unwrap()
+                                .map_err(|err| {
+                                    format!(
+                                        "reading the existing {} failed: {err}",
+                                        filenames[*file_idx].display()
+                                    )
+                                })
                         }
                         None => {
                             // read needed part of the pack
                             be.read_partial(FileType::Pack, &pack_id, false, offset, length)
-                                .unwrap()
+                                .map_err(|err| {
+                                    format!(
+                                        "pack {} could not be read (bytes {offset}..{}): {}",
+                                        pack_id.to_hex().as_str(),
+                                        u64::from(offset) + u64::from(length),
+                                        err.display_log()
+                                    )
+                                })
+                        }
+                    };
+                    let read_data = match read_data {
+                        Ok(data) => data,
+                        Err(why) => {
+                            // Every file needing a blob of this range is damaged.
+                            for (_, name_dests) in &blobs {
+                                for (file_idx, _) in name_dests {
+                                    fail(*file_idx, why.clone());
+                                }
+                            }
+                            return;
                         }
                     };
 
@@ -636,11 +734,32 @@ fn restore_contents<S: Open>(
                                 .expect("convert from u32 to usize should not fail!");
                             let end = usize::try_from(bl.offset + bl.length - offset)
                                 .expect("convert from u32 to usize should not fail!");
-                            be.read_encrypted_from_partial(
-                                &read_data[start..end],
-                                bl.uncompressed_length,
-                            )
-                            .unwrap()
+                            let blob = read_data
+                                .get(start..end)
+                                .ok_or_else(|| {
+                                    format!("pack {} is shorter than its index says", pack_id.to_hex().as_str())
+                                })
+                                .and_then(|raw| {
+                                    be.read_encrypted_from_partial(raw, bl.uncompressed_length)
+                                        .map_err(|err| {
+                                            format!(
+                                                "pack {} is damaged: the blob at bytes {}..{} cannot be decrypted or unpacked ({})",
+                                                pack_id.to_hex().as_str(),
+                                                bl.offset,
+                                                bl.offset + bl.length,
+                                                err.display_log()
+                                            )
+                                        })
+                                });
+                            match blob {
+                                Ok(data) => data,
+                                Err(why) => {
+                                    for (file_idx, _) in name_dests {
+                                        fail(file_idx, why.clone());
+                                    }
+                                    continue;
+                                }
+                            }
                         };
                         let is_sparse = match sparse {
                             SparseRestore::ByContent => data.iter().all(|&b| b == 0),
@@ -650,19 +769,26 @@ fn restore_contents<S: Open>(
                         for (file_idx, start) in name_dests {
                             let data = data.clone();
                             s1.spawn(move |_| {
+                                p.inc(size);
+                                if has_failed(file_idx) {
+                                    return;
+                                }
                                 let path = &filenames[file_idx];
                                 // Allocate file if it is not yet allocated
-                                let mut sizes_guard = sizes.lock().unwrap();
+                                let mut sizes_guard =
+                                    sizes.lock().unwrap_or_else(PoisonError::into_inner);
                                 let filesize = sizes_guard[file_idx];
                                 if filesize > 0 {
-                                    dest.set_length(path, filesize).unwrap();
                                     sizes_guard[file_idx] = 0;
+                                    if let Err(err) = dest.set_length(path, filesize) {
+                                        fail(file_idx, format!("not created: {err}"));
+                                        return;
+                                    }
                                 }
                                 drop(sizes_guard);
-                                if !is_sparse {
-                                    dest.write_at(path, start, &data).unwrap();
+                                if !is_sparse && let Err(err) = dest.write_at(path, start, &data) {
+                                    fail(file_idx, format!("writing failed: {err}"));
                                 }
-                                p.inc(size);
                             });
                         }
                     }
@@ -673,7 +799,19 @@ fn restore_contents<S: Open>(
 
     p.finish();
 
-    Ok(())
+    // A damaged file must not look restored: its full length was allocated up front, so what
+    // could not be written would read as zeros. Remove it; the error names it.
+    let failed_idx = failed_idx.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut failed = Failures::new();
+    for (file_idx, why) in failed_idx.iter() {
+        let path = &filenames[*file_idx];
+        let why = match dest.remove_restored_file(path) {
+            Ok(()) => format!("{why} (file removed)"),
+            Err(err) => format!("{why} (and removing the incomplete file failed: {err})"),
+        };
+        _ = failed.insert(path.clone(), why);
+    }
+    Ok(failed)
 }
 
 /// Information about what will be restored.
@@ -699,6 +837,17 @@ pub struct RestorePlan {
     pub matched_size: u64,
     /// Statistics about the restore.
     pub stats: RestoreStats,
+    /// Entries which could not be prepared (e.g. a directory that could not be created, a file
+    /// whose blobs are missing from the index); the restore reports them and fails at the end.
+    failed: Failures,
+}
+
+impl RestorePlan {
+    /// Entries which could not be prepared, with the reason; `restore` restores everything else
+    /// and then fails naming them.
+    pub fn failed(&self) -> impl Iterator<Item = (&PathBuf, &String)> {
+        self.failed.iter()
+    }
 }
 
 /// [`FileLocation`] contains information about a file within a blob
@@ -797,12 +946,19 @@ impl RestorePlan {
                 }
             }
 
+        // Look every blob up first, so a file with a blob missing from the index leaves the
+        // plan untouched and can be reported on its own.
+        let entries = file
+            .content
+            .iter()
+            .flatten()
+            .map(|id| repo.get_index_entry(id).map(|ie| (id, ie)))
+            .collect::<RusticResult<Vec<_>>>()?;
         let file_idx = self.names.len();
         self.names.push(name);
         let mut file_pos = 0;
         let mut has_unmatched = false;
-        for id in file.content.iter().flatten() {
-            let ie = repo.get_index_entry(id)?;
+        for (id, ie) in entries {
             let bl = ie.location;
             let length: u64 = bl.data_length().into();
 

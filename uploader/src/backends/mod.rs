@@ -1,0 +1,45 @@
+//! The restic backends, each in its own module with the variables it reads and their checks; this
+//! file is the one place that picks the backend for a location ([`open`]).
+//!
+//! Shared pieces: [`location`] (restic's location syntax), [`env`] (the environment every backend
+//! reads, empty meaning unset, secrets masked in messages), [`failure`] (the backend-neutral kind
+//! of a failure, for the exit status).
+
+pub mod azure;
+pub mod b2;
+mod dal;
+pub mod env;
+pub mod failure;
+pub mod gcs;
+pub mod local;
+pub mod location;
+pub mod rclone;
+pub mod rest;
+pub mod s3;
+pub mod sftp;
+pub mod swift;
+
+use std::sync::Arc;
+
+use rustic_core::{RepositoryBackends, WriteBackend};
+
+use self::env::Env;
+use self::location::Location;
+use self::s3::S3Options;
+
+/// Builds the backend for `location`: its variables are read from `env` and checked (a missing
+/// one named) before anything connects; `s3` is used by S3 locations only.
+pub fn open(location: &Location, s3: &S3Options, env: &Env) -> anyhow::Result<RepositoryBackends> {
+    let backend: Arc<dyn WriteBackend> = match location {
+        Location::Local(path) => Arc::new(local::LocalBackend::new(path)?),
+        Location::S3(loc) => Arc::new(s3::S3Backend::new(loc, s3.clone())?),
+        Location::Rest { url } => rest::open(url, env)?,
+        Location::Rclone { remote } => rclone::open(remote, env)?,
+        Location::Gcs { bucket, prefix } => gcs::open(bucket, prefix, env)?,
+        Location::Azure { container, prefix } => azure::open(container, prefix, env)?,
+        Location::B2 { bucket, prefix } => b2::open(bucket, prefix, env)?,
+        Location::Sftp { user, host, port, path } => sftp::open(user.as_deref(), host, *port, path, env)?,
+        Location::Swift { container, prefix } => swift::open(container, prefix, env)?,
+    };
+    Ok(RepositoryBackends::new(backend, None))
+}
