@@ -3,7 +3,8 @@
 //!
 //! How a batch travels through the files of this module:
 //! - `run.rs`: [`serve`] one segment, or [`serve_all`] of them (a thread each; the repository
-//!   is opened before any segment is created).
+//!   is opened before any segment is created; a segment whose file was damaged is attached again,
+//!   one whose ring is unusable stops alone).
 //! - `segment.rs`: the serve loop of one segment. It owns the segment's ring for as long as it
 //!   serves, collects a batch's manifest (`manifest.rs`, kept compact and within
 //!   [`ServeOptions::max_entries`]), and rejects at once whatever is invalid, stalled or torn.
