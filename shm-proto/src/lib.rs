@@ -63,4 +63,4 @@ pub use ring::{Consumer, FrameRef, Memory, Producer, RejectCode, Reservation, Ri
 #[cfg(not(loom))]
 pub use segment::{Segment, SegmentError, SegmentInfo, SegmentOptions};
 #[cfg(not(loom))]
-pub use sys::process_start_ticks;
+pub use sys::{process_start_ticks, release_free_memory};

@@ -120,3 +120,16 @@ pub(crate) fn in_group(gid: u32) -> bool {
         groups.resize(groups.len() * 4, 0);
     }
 }
+
+/// Gives the allocator's free memory back to the system. glibc keeps freed heap pages (in every
+/// thread's arena) for reuse, so a daemon that once held a large batch would keep that peak for
+/// its whole life. A no-op where the C library is not glibc. (Here because all of the project's
+/// `unsafe` lives in this crate.)
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer from us; it walks the allocator's own arenas under
+    // their locks and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

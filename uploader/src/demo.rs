@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 
 use crate::commands::restore;
 use crate::config::RepositoryConfig;
-use crate::engine::{BatchOutcome, ServeOptions, open_repo, serve};
+use crate::serve::{BatchOutcome, ServeOptions, open_repo, serve};
 
 /// A password from the kernel's random source, hex-encoded.
 fn generated_password() -> anyhow::Result<String> {

@@ -11,12 +11,9 @@ pub mod backends;
 pub mod commands;
 pub mod config;
 pub mod demo;
-pub mod engine;
-pub mod gate;
-pub mod node;
 pub mod progress;
 pub mod repository;
-pub mod source;
+pub mod serve;
 
 pub use config::{Password, RepositoryConfig};
-pub use engine::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};
+pub use serve::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};

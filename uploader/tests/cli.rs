@@ -301,10 +301,12 @@ fn errors_end_cleanly_and_piped_logs_carry_no_colour() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("wrong password"), "{err}");
     assert!(!err.contains("Backtrace"), "an empty backtrace section:\n{err}");
-    // A failing daemon, its stderr piped: log lines (a segment off tmpfs is warned about, the
-    // wrong password logged), and not one escape code.
-    let seg = dir.path().join("seg");
-    let o = shmback(&repo, &["run", "--segment", seg.to_str().unwrap()], &[("RESTIC_PASSWORD", "nope")]);
+    // A failing daemon, its stderr piped: log lines (a segment off tmpfs is warned about, then a
+    // second segment cannot be attached), and not one escape code. (A wrong password no longer
+    // gets as far as a segment: the repository is opened first.)
+    let (seg, missing) = (dir.path().join("seg"), dir.path().join("no/such/dir/seg"));
+    let args = ["run", "--segment", seg.to_str().unwrap(), "--segment", missing.to_str().unwrap()];
+    let o = shmback(&repo, &args, &[("RESTIC_PASSWORD", "pw")]);
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(" WARN ") && err.contains("not on tmpfs"), "the log is there:\n{err}");

@@ -3,91 +3,28 @@
 //! the producer told (rejected / uploader gone), the repository checks clean with its data, and
 //! the next batch is stored.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+mod common;
+
 use std::time::Duration;
 
+use common::{
+    Server, Stalling, T, cfg, daemon, entry_bytes, eom, file, fresh_repo, good_batch, raw_path_entry, send_raw, shm_dir,
+};
 use shmback_proto::frame::FrameKind;
-use shmback_proto::{Begin, Entry, EntryKind, Frame, Labels, RejectCode, Segment, SegmentOptions};
+use shmback_proto::{Begin, Frame, Labels, Segment, SegmentOptions};
 use shmback_uploader::commands::{check, snapshots};
-use shmback_uploader::{ServeOptions, open_repo, serve};
 use shmback_writer::{EntryMeta, Outbox, OutboxOptions, WriteError};
 
-const PW: &str = "pw";
-
-fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
-    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
-}
-const T: Duration = Duration::from_secs(60);
-
-fn file(path: &str, size: u64) -> Entry {
-    Entry {
-        path: path.as_bytes().to_vec(),
-        kind: EntryKind::File,
-        size: Some(size),
-        mode: 0o100644,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 1_700_000_000_000_000_000,
-        target: vec![],
-    }
-}
-
-struct Server {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<String>>,
-}
-
-fn start(repo: &str, seg: &Path) -> Server {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s2, seg2, repo) = (stop.clone(), seg.to_path_buf(), repo.to_string());
-    let handle = std::thread::spawn(move || {
-        let mut r = open_repo(&cfg(&repo), false).unwrap();
-        let mut out = vec![];
-        let opts = ServeOptions { tick: Duration::from_millis(20), ..ServeOptions::default() };
-        serve(&mut r, &seg2, &opts, &s2, |o| out.push(format!("{o:?}"))).unwrap();
-        out
-    });
-    // The uploader creates the segment; wait for it (bounded).
-    for _ in 0..500 {
-        if seg.exists() || handle.is_finished() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(seg.exists(), "the uploader did not create the segment");
-    Server { stop, handle }
-}
-
-impl Server {
-    fn stop(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap()
-    }
-}
-
-fn good_batch(seg: &Path, name: &str) -> Result<[u8; 32], WriteError> {
-    let mut ob = Outbox::open(seg, OutboxOptions { timeout: T, ..OutboxOptions::default() })?;
-    let mut b = ob.batch();
-    b.add_bytes(name, format!("contents of {name}"))?;
-    b.commit()?.wait_durable(T).map(|id| id.0)
-}
-
 fn setup() -> (tempfile::TempDir, String, tempfile::TempDir) {
-    let repo = tempfile::tempdir().unwrap();
-    let loc = repo.path().to_str().unwrap().to_string();
-    open_repo(&cfg(&loc), true).unwrap();
-    (repo, loc, tempfile::tempdir_in("/dev/shm").unwrap())
+    let (repo, loc) = fresh_repo();
+    (repo, loc, shm_dir())
 }
 
 #[test]
 fn a_producer_dying_mid_batch_makes_no_snapshot_and_the_next_batch_is_stored() {
     let (_r, loc, shm) = setup();
     let seg = shm.path().join("seg");
-    let server = start(&loc, &seg);
+    let server = Server::start(&loc, &seg);
     {
         let opts = SegmentOptions { capacity: None, ..SegmentOptions::default() };
         let mut p = Segment::producer(&seg, &opts).unwrap();
@@ -108,48 +45,11 @@ fn a_producer_dying_mid_batch_makes_no_snapshot_and_the_next_batch_is_stored() {
     check(&cfg(&loc), true).unwrap();
 }
 
-/// Writes `frames` raw into the ring (bypassing the codec's checks) as one batch.
-fn send_raw(seg: &Path, frames: &[(FrameKind, Vec<u8>)]) {
-    let opts = SegmentOptions { capacity: None, ..SegmentOptions::default() };
-    let mut p = Segment::producer(seg, &opts).unwrap();
-    // As the writer does: the uploader must be attached before the batch's epoch is taken.
-    p.wait_for_consumer(T).unwrap();
-    let epoch = p.consumer_epoch();
-    let seq = p.next_batch_seq();
-    p.send(&Frame::Begin(Begin { seq, labels: Labels::default() }), T).unwrap();
-    p.record_begun(seq);
-    for (kind, payload) in frames {
-        let mut r = p.reserve(*kind, payload.len(), T).unwrap();
-        r.copy_from_slice(payload);
-        r.commit();
-    }
-    p.flush();
-    let got = p.wait_durable(seq, epoch, T);
-    assert!(
-        matches!(got, Err(shmback_proto::RingError::Rejected { code: RejectCode::Malformed, .. })),
-        "hostile batch {seq} was not rejected as malformed: {got:?}"
-    );
-}
-
-fn entry_bytes(e: Entry) -> Vec<u8> {
-    Frame::Entry(e).encode_to_vec().unwrap()
-}
-
-/// An ENTRY payload whose path is replaced by raw bytes (the codec refuses to encode these).
-fn raw_path_entry(path: &[u8]) -> Vec<u8> {
-    let mut raw = entry_bytes(file("x", 0));
-    raw.truncate(raw.len() - 1);
-    raw[32..34].copy_from_slice(&(path.len() as u16).to_le_bytes());
-    raw.extend_from_slice(path);
-    raw
-}
-
 #[test]
 fn hostile_batches_are_rejected_and_the_daemon_keeps_serving() {
     let (_r, loc, shm) = setup();
     let seg = shm.path().join("seg");
-    let server = start(&loc, &seg);
-    let eom = |n: u64| (FrameKind::EndOfManifest, Frame::EndOfManifest { entries: n }.encode_to_vec().unwrap());
+    let server = Server::start(&loc, &seg);
     let hostile: Vec<Vec<(FrameKind, Vec<u8>)>> = vec![
         vec![(FrameKind::Entry, raw_path_entry(b"../escape"))],
         vec![(FrameKind::Entry, raw_path_entry(b"/etc/passwd"))],
@@ -190,22 +90,14 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     let src = tempfile::tempdir().unwrap();
     let big: Vec<u8> = (0..40u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
     std::fs::write(src.path().join("big.bin"), &big).unwrap();
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_shmback"))
-            .args(["run", "--segment", seg.to_str().unwrap()])
-            .env("RESTIC_REPOSITORY", &loc)
-            .env("RESTIC_PASSWORD", PW)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let run = || daemon(&loc, &seg, &[], log.path());
     let mut child = run();
     let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() }).unwrap();
     // The first batch streams big.bin and stalls after 8 MiB (twice the ring: the uploader is
     // inside the file) until the uploader has been SIGKILLed: mid-batch by construction, not by
     // timing.
-    let (reached_tx, reached_rx) = std::sync::mpsc::channel();
-    let (resume_tx, resume_rx) = std::sync::mpsc::channel();
+    let (stalling, reached_rx, resume_tx) = Stalling::new(big.clone(), 8 << 20);
     let killer = {
         let pid = child.id() as i32;
         std::thread::spawn(move || {
@@ -215,7 +107,6 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
             resume_tx.send(()).unwrap();
         })
     };
-    let stalling = Stalling { data: &big, sent: 0, stall_at: 8 << 20, reached: Some(reached_tx), resume: resume_rx };
     let mut b = ob.batch();
     b.add_reader("data/big.bin", Some(big.len() as u64), EntryMeta::default(), stalling).unwrap();
     let first = b.commit().and_then(|t| t.wait_durable(T));
@@ -234,29 +125,4 @@ fn an_uploader_killed_mid_batch_stores_nothing_and_a_resend_after_restart_restor
     let dest = tempfile::tempdir().unwrap();
     shmback_uploader::commands::restore(&cfg(&loc), "latest", dest.path()).unwrap();
     assert!(std::fs::read(dest.path().join("data/big.bin")).unwrap() == big, "restored bytes differ");
-}
-
-/// Reads `data`, stopping once at `stall_at`: says so on `reached`, then waits for `resume`.
-struct Stalling<'a> {
-    data: &'a [u8],
-    sent: usize,
-    stall_at: usize,
-    reached: Option<std::sync::mpsc::Sender<()>>,
-    resume: std::sync::mpsc::Receiver<()>,
-}
-
-impl std::io::Read for Stalling<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.sent >= self.stall_at
-            && let Some(reached) = self.reached.take()
-        {
-            reached.send(()).unwrap();
-            self.resume.recv().unwrap();
-        }
-        let end = if self.reached.is_some() { self.stall_at } else { self.data.len() };
-        let n = buf.len().min(end - self.sent);
-        buf[..n].copy_from_slice(&self.data[self.sent..self.sent + n]);
-        self.sent += n;
-        Ok(n)
-    }
 }

@@ -2,20 +2,15 @@
 //! byte-exact; a second batch of the same tree names the first as parent; a batch whose producer
 //! aborts makes no snapshot.
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::{PW, Server, cfg, fresh_repo, shm_dir};
 use rustic_core::{Credentials, Repository, RepositoryOptions};
-use shmback_uploader::{ServeOptions, open_repo, serve};
+use shmback_uploader::ServeOptions;
 use shmback_writer::{Outbox, OutboxOptions};
-
-const PW: &str = "test-password";
-
-fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
-    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
-}
 
 fn content(seed: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 131 + seed * 7) % 253) as u8).collect()
@@ -43,33 +38,14 @@ fn tree(root: &Path) {
     std::fs::File::options().write(true).open(&odd).unwrap().set_modified(t).unwrap();
 }
 
-/// A new repository in a temporary directory: the directory (kept alive) and its location.
-fn fresh_repo() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let loc = dir.path().to_str().unwrap().to_string();
-    open_repo(&cfg(&loc), true).unwrap();
-    (dir, loc)
-}
-
 #[test]
 fn batches_become_snapshots_that_restore_byte_exact() {
     let (_repo_dir, repo_loc) = fresh_repo();
     let src = tempfile::tempdir().unwrap();
     tree(src.path());
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let shm = shm_dir();
     let seg = shm.path().join("seg");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), repo_loc.clone());
-    let server = std::thread::spawn(move || {
-        let mut repo = open_repo(&cfg(&loc2), false).unwrap();
-        let mut outcomes = vec![];
-        serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
-            outcomes.push(format!("{o:?}"));
-        })
-        .unwrap();
-        outcomes
-    });
+    let server = Server::start_with(&repo_loc, &seg, ServeOptions::default(), |o| Some(format!("{o:?}")));
 
     let mut ob = Outbox::open(&seg, OutboxOptions::default()).unwrap();
     let mut ids = vec![];
@@ -89,8 +65,7 @@ fn batches_become_snapshots_that_restore_byte_exact() {
     b.add_bytes("after", "ok").unwrap();
     ids.push(b.commit().unwrap().wait_durable(Duration::from_secs(120)).unwrap());
     drop(ob);
-    stop.store(true, Ordering::Relaxed);
-    let outcomes = server.join().unwrap();
+    let outcomes = server.stop();
     assert_eq!(outcomes.iter().filter(|o| o.starts_with("Stored")).count(), 3, "{outcomes:#?}");
     assert_eq!(outcomes.iter().filter(|o| o.starts_with("Rejected")).count(), 1, "{outcomes:#?}");
 
@@ -108,7 +83,7 @@ fn batches_become_snapshots_that_restore_byte_exact() {
     snaps.sort_by_key(|s| s.time.clone());
     assert_eq!(snaps[1].parent, Some(snaps[0].id), "the second batch names the first as parent");
     for (s, id) in snaps.iter().zip(&ids) {
-        assert_eq!(shmback_uploader::engine::snapshot_id_bytes(s), id.0, "the ack carries the stored snapshot's id");
+        assert_eq!(shmback_uploader::serve::snapshot_id_bytes(s), id.0, "the ack carries the stored snapshot's id");
     }
     let check = |rel: &str, want: &[u8]| {
         let node =
@@ -139,20 +114,13 @@ fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
     let (_repo_dir, loc) = fresh_repo();
     let src = tempfile::tempdir().unwrap();
     tree(src.path());
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let shm = shm_dir();
     let seg = shm.path().join("seg");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), loc.clone());
-    let server = std::thread::spawn(move || {
-        let mut repo = open_repo(&cfg(&loc2), false).unwrap();
-        let mut summaries = vec![];
-        serve(&mut repo, &seg2, &ServeOptions::default(), &stop2, |o| {
-            if let shmback_uploader::BatchOutcome::Stored { snapshot, .. } = o {
-                summaries.push((snapshot.id, snapshot.parent, snapshot.summary.clone().unwrap()));
-            }
-        })
-        .unwrap();
-        summaries
+    let server = Server::start_with(&loc, &seg, ServeOptions::default(), |o| match o {
+        shmback_uploader::BatchOutcome::Stored { snapshot, .. } => {
+            Some((snapshot.id, snapshot.parent, snapshot.summary.clone().unwrap()))
+        }
+        shmback_uploader::BatchOutcome::Rejected { .. } => None,
     });
     let mut ob = Outbox::open(&seg, OutboxOptions::default()).unwrap();
     let mut send = || {
@@ -171,8 +139,7 @@ fn a_file_changed_with_the_same_size_and_another_mtime_is_stored_again() {
     std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
     send();
     drop(ob);
-    stop.store(true, Ordering::Relaxed);
-    let s = server.join().unwrap();
+    let s = server.stop();
     assert_eq!(s.len(), 3);
     assert_eq!(s[1].1, Some(s[0].0));
     assert_eq!(s[2].1, Some(s[1].0), "the changed batch's parent is the previous snapshot");

@@ -1,100 +1,22 @@
 //! Serving several segments at once (a stalled producer holds up no other) and shutting down
 //! with a batch in flight (abandoned after the grace period: no snapshot, a clean repository).
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{T, cfg, daemon, fresh_repo, good_batch, shm_dir, stalled_producer, terminate, wait_for, wait_for_log};
 use shmback_proto::RejectCode;
 use shmback_uploader::commands::{check, snapshots};
-use shmback_uploader::{ServeOptions, open_repo, serve_all};
-use shmback_writer::{Outbox, OutboxOptions, WriteError};
-
-const PW: &str = "pw";
-
-fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
-    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
-}
-const T: Duration = Duration::from_secs(60);
-
-/// A reader of `len` bytes that yields the first `first` bytes, tells `started`, then blocks until
-/// `go` receives (or is dropped).
-struct Stalling {
-    left: u64,
-    first: u64,
-    started: Option<Sender<()>>,
-    go: Receiver<()>,
-}
-
-impl Read for Stalling {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.left == 0 {
-            return Ok(0);
-        }
-        if self.first == 0
-            && let Some(s) = self.started.take()
-        {
-            let _ = s.send(());
-            let _ = self.go.recv();
-        }
-        let cap = if self.first > 0 { self.first } else { self.left };
-        let n = buf.len().min(cap as usize);
-        buf[..n].fill(0x5a);
-        self.left -= n as u64;
-        self.first = self.first.saturating_sub(n as u64);
-        Ok(n)
-    }
-}
-
-/// Starts a producer thread on `seg` sending one 2 MiB file that stalls after 512 KiB. Returns
-/// the "it stalled" signal, the release handle and the producer's result.
-type Sent = std::thread::JoinHandle<Result<[u8; 32], WriteError>>;
-
-fn stalled_producer(seg: &Path) -> (Receiver<()>, Sender<()>, Sent) {
-    let (started_tx, started_rx) = channel();
-    let (go_tx, go_rx) = channel();
-    let seg = seg.to_path_buf();
-    let h = std::thread::spawn(move || {
-        let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() })?;
-        let mut b = ob.batch();
-        let r = Stalling { left: 2 << 20, first: 512 << 10, started: Some(started_tx), go: go_rx };
-        b.add_reader("slow.bin", Some(2 << 20), Default::default(), r)?;
-        b.commit()?.wait_durable(T).map(|id| id.0)
-    });
-    (started_rx, go_tx, h)
-}
-
-fn quick_batch(seg: &Path, name: &str) -> Result<[u8; 32], WriteError> {
-    let mut ob = Outbox::open(seg, OutboxOptions { timeout: T, ..OutboxOptions::default() })?;
-    let mut b = ob.batch();
-    b.add_bytes(name, format!("contents of {name}"))?;
-    b.commit()?.wait_durable(T).map(|id| id.0)
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() && t.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(path.exists(), "{} was not created", path.display());
-}
-
-/// A new repository in a temporary directory: the directory (kept alive) and its location.
-fn fresh_repo() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let loc = dir.path().to_str().unwrap().to_string();
-    open_repo(&cfg(&loc), true).unwrap();
-    (dir, loc)
-}
+use shmback_uploader::{ServeOptions, serve_all};
+use shmback_writer::WriteError;
 
 #[test]
 fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other() {
     let (_repo, loc) = fresh_repo();
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let shm = shm_dir();
     let (a, b) = (shm.path().join("a"), shm.path().join("b"));
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
@@ -115,7 +37,7 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
     stalled.recv_timeout(T).expect("the slow producer started");
     // While segment a's batch is stuck mid-file, segment b's producer gets three batches stored.
     for i in 0..3 {
-        quick_batch(&b, &format!("fast{i}")).expect("a batch on segment b while a is stalled");
+        good_batch(&b, &format!("fast{i}")).expect("a batch on segment b while a is stalled");
     }
     assert!(!slow.is_finished(), "the slow batch cannot have finished: its reader is blocked");
     release.send(()).unwrap();
@@ -133,7 +55,7 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
 #[test]
 fn a_segment_named_twice_or_unusable_fails_at_start_up() {
     let (_repo, loc) = fresh_repo();
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let shm = shm_dir();
     let a = shm.path().join("a");
     let stop = Arc::new(AtomicBool::new(false));
     let opts = ServeOptions::default();
@@ -146,38 +68,16 @@ fn a_segment_named_twice_or_unusable_fails_at_start_up() {
 #[test]
 fn sigterm_abandons_a_stalled_batch_after_the_grace_period_and_stores_nothing() {
     let (_repo, loc) = fresh_repo();
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let shm = shm_dir();
     let seg = shm.path().join("seg");
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shmback"))
-        .args(["run", "--grace", "1", "--segment", seg.to_str().unwrap()])
-        .env("RESTIC_REPOSITORY", &loc)
-        .env("RESTIC_PASSWORD", PW)
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = daemon(&loc, &seg, &["--grace", "1"], log.path());
     wait_for(&seg);
     let (stalled, release, slow) = stalled_producer(&seg);
     stalled.recv_timeout(T).expect("the producer started");
     // Wait (bounded) until the uploader is inside the batch: it logs the start once the manifest is in.
-    let t = Instant::now();
-    while !std::fs::read_to_string(log.path()).unwrap().contains("batch started") {
-        assert!(t.elapsed() < T, "the uploader never started the batch");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > T {
-            child.kill().unwrap();
-            panic!("the uploader did not exit after SIGTERM with a stalled batch in flight");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_for_log(log.path(), "batch started");
+    let status = terminate(&mut child);
     assert!(status.success(), "{status:?}");
     release.send(()).unwrap();
     let got = slow.join().unwrap();

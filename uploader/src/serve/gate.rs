@@ -10,22 +10,23 @@ use std::sync::{Arc, Mutex};
 
 use rustic_core::{BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
 
-use crate::source::{BatchEnd, Shared};
+use super::pump::{BatchEnd, Ring};
 
-/// The batch whose snapshot may be written, and how it ended.
+/// The ring of the batch whose snapshot may be written, and how that batch ended.
 #[derive(Default)]
-pub struct GateState {
-    batch: Option<Arc<Shared>>,
+struct GateState {
+    batch: Option<Arc<Ring>>,
     outcome: Option<BatchEnd>,
 }
 
 /// A handle to open and close the gate for one batch.
 #[derive(Clone, Default)]
-pub struct Gate(Arc<Mutex<GateState>>);
+pub(crate) struct Gate(Arc<Mutex<GateState>>);
 
 impl Gate {
-    pub(crate) fn arm(&self, batch: Arc<Shared>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = GateState { batch: Some(batch), outcome: None };
+    /// Opens the gate for the batch being read from `ring`.
+    pub(crate) fn arm(&self, ring: Arc<Ring>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = GateState { batch: Some(ring), outcome: None };
     }
 
     /// Closes the gate; returns the batch's outcome if the snapshot write was attempted.
@@ -37,14 +38,14 @@ impl Gate {
 }
 
 /// The repository backend behind the gate.
-pub struct GatedBackend {
+pub(crate) struct GatedBackend {
     inner: Arc<dyn WriteBackend>,
     gate: Gate,
 }
 
 impl GatedBackend {
     /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn WriteBackend>, gate: Gate) -> Self {
+    pub(crate) fn new(inner: Arc<dyn WriteBackend>, gate: Gate) -> Self {
         Self { inner, gate }
     }
 }

@@ -16,7 +16,7 @@ const GO_MODE_SETGID: u32 = 1 << 22;
 const GO_MODE_STICKY: u32 = 1 << 20;
 
 /// Unix `st_mode` → Go `os.FileMode` (type bits + permissions + special bits).
-pub fn go_mode(unix: u32, kind: EntryKind) -> u32 {
+pub(crate) fn go_mode(unix: u32, kind: EntryKind) -> u32 {
     let mut m = unix & 0o777;
     match kind {
         EntryKind::Dir => m |= GO_MODE_DIR,
@@ -36,7 +36,7 @@ pub fn go_mode(unix: u32, kind: EntryKind) -> u32 {
 }
 
 /// The node for an entry, named after its last path component.
-pub fn entry_to_node(e: &Entry) -> Node {
+pub(crate) fn entry_to_node(e: &Entry) -> Node {
     let path = Path::new(OsStr::from_bytes(&e.path));
     let name = path.file_name().unwrap_or(OsStr::new(""));
     let node_type = match e.kind {

@@ -1,0 +1,125 @@
+//! One batch, once its manifest is complete: archived by rustic_core into one snapshot whose
+//! file is written only if the batch's data ended in a valid COMMIT (the snapshot gate).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustic_core::repofile::SnapshotFile;
+use rustic_core::{BackupOptions, IndexedIdsStatus, OpenStatus, Repository, SnapshotOptions};
+use tracing::info;
+
+use super::gate::{Gate, GatedBackend};
+use super::manifest::Manifest;
+use super::options::{BatchOutcome, ServeOptions};
+use super::pump::{BatchEnd, Ring};
+use super::reader::BatchSource;
+use crate::config::RepositoryConfig;
+use crate::repository::{self, Purpose};
+use shmback_proto::RejectCode;
+
+/// A repository opened for backups, with the snapshot gate in front of its backend.
+pub struct Repo {
+    /// Taken out while a batch is archived (with the index loaded).
+    repo: Option<Repository<OpenStatus>>,
+    gate: Gate,
+}
+
+/// Opens (or, with `init`, creates) the repository `config` names, with the snapshot gate in
+/// front of its backend.
+pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> {
+    let gate = Gate::default();
+    let purpose = if init { Purpose::Create } else { Purpose::Serve };
+    let repo = repository::open(config, purpose, |be| Arc::new(GatedBackend::new(be, gate.clone())))?;
+    Ok(Repo { repo: Some(repo), gate })
+}
+
+/// Archives one batch whose manifest is complete and says how it went, and whether the
+/// repository is still usable (an index that cannot be loaded is the repository's failure).
+pub(crate) fn run_batch(
+    repo: &mut Repo,
+    ring: &Arc<Ring>,
+    manifest: Manifest,
+    opts: &ServeOptions,
+) -> (BatchOutcome, anyhow::Result<()>) {
+    let Manifest { begin, started, entries } = manifest;
+    let seq = begin.seq;
+    info!(
+        seq,
+        entries = entries.len(),
+        bytes = entries.declared_bytes(),
+        streams = entries.streams(),
+        host = ?begin.labels.host,
+        "batch started"
+    );
+    // The index is loaded for each batch, not kept from the last: deduplication and the parent
+    // snapshot's "unchanged file" shortcut trust it, so it must say what the repository holds
+    // now (an index file removed meanwhile must not be believed), and between batches the
+    // daemon holds no index in memory.
+    let indexed = match repo.repo.take().map(Repository::to_indexed_ids) {
+        Some(Ok(indexed)) => indexed,
+        failed => {
+            let e = match failed {
+                Some(Err(e)) => anyhow::Error::new(e),
+                _ => anyhow::anyhow!("the repository handle was lost by an earlier failure"),
+            };
+            ring.lock().skip_rest_of_batch();
+            let why = format!("loading the repository's index failed: {e:#}");
+            return (BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }, Err(e));
+        }
+    };
+    ring.lock().start_data();
+    let result = archive(&indexed, &repo.gate, &begin, BatchSource::new(entries, ring.clone()), ring, opts);
+    // If archive() stopped before the snapshot write, the rest of the batch is still in the ring.
+    let end = repo.gate.disarm().unwrap_or_else(|| ring.lock().finish());
+    let outcome = match (result, end) {
+        (Ok(snapshot), BatchEnd::Committed) => {
+            BatchOutcome::Stored { seq, snapshot: Box::new(snapshot), elapsed: started.elapsed() }
+        }
+        (_, BatchEnd::Failed(why, code)) => BatchOutcome::Rejected { seq, why, code },
+        (Err(e), BatchEnd::Committed) => BatchOutcome::Rejected {
+            seq,
+            why: format!("storing the snapshot failed: {e:#}"),
+            code: RejectCode::StorageFailed,
+        },
+    };
+    repo.repo = Some(indexed.drop_index());
+    // Freed manifest, tree and index memory goes back to the system, not only to the allocator
+    // (which would otherwise keep a large batch's peak for the daemon's life).
+    shmback_proto::release_free_memory();
+    (outcome, Ok(()))
+}
+
+fn archive(
+    repo: &Repository<IndexedIdsStatus>,
+    gate: &Gate,
+    begin: &shmback_proto::Begin,
+    source: BatchSource,
+    ring: &Arc<Ring>,
+    opts: &ServeOptions,
+) -> anyhow::Result<SnapshotFile> {
+    let mut sopts = SnapshotOptions::default();
+    sopts.host = Some(begin.labels.host.clone().unwrap_or_else(|| opts.host.clone()));
+    let tags = begin.labels.tags.join(",");
+    if !tags.is_empty() {
+        sopts = sopts.add_tags(&tags)?;
+    }
+    let mut snap = sopts.to_snapshot()?;
+    if !begin.labels.meta.is_empty() {
+        let lines: Vec<String> = begin.labels.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        snap.description = Some(lines.join("\n"));
+    }
+    gate.arm(ring.clone());
+    Ok(repo.archive(&BackupOptions::default(), &source, snap, &[PathBuf::from("/")])?)
+}
+
+/// The 32 bytes of a snapshot id, as the durable ack carries them.
+pub fn snapshot_id_bytes(s: &SnapshotFile) -> [u8; 32] {
+    let hex = s.id.to_hex();
+    let hex = hex.as_str().as_bytes();
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        let nib = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+        *b = nib(hex[2 * i]) << 4 | nib(hex[2 * i + 1]);
+    }
+    out
+}
