@@ -5,7 +5,9 @@
 //! is stored. The engine (batch source, snapshot gate, serve loop over one or several segments),
 //! the repository commands, the demo, and the restic backends (`backends`: locations, local, S3, REST,
 //! rclone, GCS, Azure, B2, SFTP, Swift) are here.
-//! Design: `docs/decisions/0002-uploader-engine-plan.md`.
+//! Map of the crate: `docs/ARCHITECTURE.md`; design: `docs/decisions/0002-uploader-engine.md`
+//! (serving) and `docs/decisions/0004-backends.md` (backends).
+#![warn(missing_docs)]
 
 pub mod backends;
 pub mod commands;
