@@ -3,29 +3,16 @@
 //! `shmback run`, the help's examples and what it must not show, exit statuses of backend failures
 //! (REST, local), restic's modes for local repositories, clean error and log output.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{shmback, text};
 use shmback_writer::{Outbox, OutboxOptions};
 
 const T: Duration = Duration::from_secs(60);
-
-fn shmback(repo: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
-    c.args(args).env("RESTIC_REPOSITORY", repo).stdin(Stdio::null());
-    for v in ["RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND"] {
-        c.env_remove(v);
-    }
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 #[test]
 fn password_sources_and_their_errors() {

@@ -3,62 +3,26 @@
 //! --read-data` names the damaged pack and the repair; `repair index` and `repair snapshots`
 //! bring the repository back to a clean check.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::process::Command;
 
-use shmback_uploader::{ServeOptions, open_repo, serve};
-use shmback_writer::{Outbox, OutboxOptions};
+use common::{Fill, fresh_repo, noise, send_batches, shmback_pw as shmback, text};
 
-const PW: &str = "pw";
-
-fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
-    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
-}
-const T: Duration = Duration::from_secs(120);
 const BIG: usize = 3 << 20;
-
-/// Incompressible bytes (compression must not shrink the pack to nothing).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A repository holding two snapshots: `keep/good.txt` alone, then `keep/good.txt` (the same
 /// blob, deduplicated) with `big.bin` (3 MiB of its own data, in its own pack). Returns the
 /// directory (kept alive) and the location.
 fn two_snapshots() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let loc = dir.path().join("repo").to_str().unwrap().to_string();
-    open_repo(&cfg(&loc), true).unwrap();
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
-    let seg = shm.path().join("seg");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, seg2, loc2) = (stop.clone(), seg.clone(), loc.clone());
-    let server = std::thread::spawn(move || {
-        let mut r = open_repo(&cfg(&loc2), false).unwrap();
-        serve(&mut r, &seg2, &ServeOptions::default(), &stop2, |_| {}).unwrap();
+    let (dir, loc) = fresh_repo();
+    let first: Fill = Box::new(|b| b.add_bytes("keep/good.txt", noise(1, 5000)).unwrap());
+    let second: Fill = Box::new(|b| {
+        b.add_bytes("keep/good.txt", noise(1, 5000)).unwrap();
+        b.add_bytes("big.bin", noise(2, BIG)).unwrap();
     });
-    let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() }).unwrap();
-    let mut b = ob.batch();
-    b.add_bytes("keep/good.txt", noise(1, 5000)).unwrap();
-    b.commit().unwrap().wait_durable(T).unwrap();
-    let mut b = ob.batch();
-    b.add_bytes("keep/good.txt", noise(1, 5000)).unwrap();
-    b.add_bytes("big.bin", noise(2, BIG)).unwrap();
-    b.commit().unwrap().wait_durable(T).unwrap();
-    drop(ob);
-    stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
+    send_batches(&loc, vec![first, second]);
     (dir, loc)
 }
 
@@ -98,22 +62,6 @@ fn corrupt(pack: &Path) {
     perm.set_readonly(false);
     std::fs::set_permissions(pack, perm).unwrap();
     std::fs::write(pack, data).unwrap();
-}
-
-fn shmback(repo: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shmback"))
-        .args(args)
-        .env("RESTIC_REPOSITORY", repo)
-        .env("RESTIC_PASSWORD", PW)
-        .env_remove("RESTIC_PASSWORD_FILE")
-        .env_remove("RESTIC_PASSWORD_COMMAND")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]

@@ -3,74 +3,13 @@
 //! directories, files or their metadata; a link standing where the snapshot has a file or a
 //! directory is replaced (the link, not its target).
 
+mod common;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use shmback_uploader::{ServeOptions, open_repo, serve};
-use shmback_writer::{Batch, Outbox, OutboxOptions};
-
-const PW: &str = "pw";
-
-fn cfg(location: &str) -> shmback_uploader::RepositoryConfig {
-    shmback_uploader::RepositoryConfig::new(location, PW).unwrap()
-}
-const T: Duration = Duration::from_secs(120);
-
-/// A new repository in a temporary directory: the directory (kept alive) and its location.
-fn fresh_repo() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let loc = dir.path().join("repo").to_str().unwrap().to_string();
-    open_repo(&cfg(&loc), true).unwrap();
-    (dir, loc)
-}
-
-/// Fills one batch.
-type Fill = Box<dyn FnOnce(&mut Batch<'_>)>;
-
-/// Sends each batch (filled by its closure) through a real segment to a serving uploader;
-/// returns the snapshot ids, in order.
-fn send(repo: &str, batches: Vec<Fill>) -> Vec<String> {
-    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
-    let seg = shm.path().join("seg");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, seg2, loc) = (stop.clone(), seg.clone(), repo.to_string());
-    let server = std::thread::spawn(move || {
-        let mut r = open_repo(&cfg(&loc), false).unwrap();
-        serve(&mut r, &seg2, &ServeOptions::default(), &stop2, |_| {}).unwrap();
-    });
-    let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() }).unwrap();
-    let mut ids = vec![];
-    for fill in batches {
-        let mut b = ob.batch();
-        fill(&mut b);
-        let id = b.commit().unwrap().wait_durable(T).unwrap();
-        ids.push(id.0.iter().map(|x| format!("{x:02x}")).collect());
-    }
-    drop(ob);
-    stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
-    ids
-}
-
-fn shmback(repo: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shmback"))
-        .args(args)
-        .env("RESTIC_REPOSITORY", repo)
-        .env("RESTIC_PASSWORD", PW)
-        .env_remove("RESTIC_PASSWORD_FILE")
-        .env_remove("RESTIC_PASSWORD_COMMAND")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use common::{Fill, fresh_repo, send_batches as send, shmback_pw as shmback, text};
 
 /// Names and contents of everything below `dir` (empty if nothing).
 fn listing(dir: &Path) -> Vec<String> {

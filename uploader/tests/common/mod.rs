@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use shmback_proto::frame::FrameKind;
 use shmback_proto::{Begin, Entry, EntryKind, Frame, Labels, Producer, RejectCode, RingError, Segment, SegmentOptions};
 use shmback_uploader::{BatchOutcome, RepositoryConfig, ServeOptions, open_repo, serve};
-use shmback_writer::{Outbox, OutboxOptions, WriteError};
+use shmback_writer::{Batch, Outbox, OutboxOptions, WriteError};
 
 /// The password of every test repository.
 pub const PW: &str = "pw";
@@ -29,10 +29,11 @@ pub fn cfg(location: &str) -> RepositoryConfig {
     RepositoryConfig::new(location, PW).unwrap()
 }
 
-/// A new repository in a temporary directory: the directory (kept alive) and its location.
+/// A new repository at `repo/` in a temporary directory: the directory (kept alive, with room
+/// beside the repository for restore destinations) and the repository's location.
 pub fn fresh_repo() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
-    let loc = dir.path().to_str().unwrap().to_string();
+    let loc = dir.path().join("repo").to_str().unwrap().to_string();
     open_repo(&cfg(&loc), true).unwrap();
     (dir, loc)
 }
@@ -227,6 +228,46 @@ pub fn stalled_producer(seg: &Path) -> (Receiver<()>, Sender<()>, Sent) {
         b.commit()?.wait_durable(T).map(|id| id.0)
     });
     (stalled, release, h)
+}
+
+/// Fills one batch.
+pub type Fill = Box<dyn FnOnce(&mut Batch<'_>)>;
+
+/// Sends each batch (filled by its closure) through a real segment to an uploader serving
+/// `repo`, each waited for until durable; returns the snapshot ids (hex), in order.
+pub fn send_batches(repo: &str, batches: Vec<Fill>) -> Vec<String> {
+    let shm = shm_dir();
+    let seg = shm.path().join("seg");
+    let server = Server::start(repo, &seg);
+    let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() }).unwrap();
+    let mut ids = vec![];
+    for fill in batches {
+        let mut b = ob.batch();
+        fill(&mut b);
+        let id = b.commit().unwrap().wait_durable(T).unwrap();
+        ids.push(id.0.iter().map(|x| format!("{x:02x}")).collect());
+    }
+    drop(ob);
+    server.stop();
+    ids
+}
+
+/// Incompressible bytes from `seed` (xorshift).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `shmback ARGS` on the test repository at `repo` with its password [`PW`].
+pub fn shmback_pw(repo: &str, args: &[&str]) -> Output {
+    shmback(Path::new(repo), args, &[("RESTIC_PASSWORD", PW)])
 }
 
 /// `shmback ARGS` on repository `repo` with only the password variables in `env` (the ambient
