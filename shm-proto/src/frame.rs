@@ -1,6 +1,9 @@
 //! Frames: the 8-byte frame header the ring understands, and the payload codec of each batch
 //! frame type (one `encode`/`decode` pair per type).
 //!
+//! Longer than the house's ~400 lines on purpose: one codec, every frame type's layout beside
+//! its encoder and decoder, so a format change is made in one place.
+//!
 //! All integers are little-endian. Decoding never panics and never trusts a length: every read
 //! goes through [`Cursor`], which bounds-checks against the payload it was given.
 

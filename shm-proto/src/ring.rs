@@ -1,6 +1,10 @@
 //! The SPSC byte ring: producer `reserve → write → commit`, consumer `peek → read → release`,
 //! waiting, waking, and the durable-ack reverse channel.
 //!
+//! One cohesive thing despite its length: both halves of one protocol over the same positions
+//! and memory orderings; split apart, the pairing of each Release with its Acquire would span
+//! files.
+//!
 //! The protocol is written once, against [`Memory`]: the segment in /dev/shm implements it for
 //! production, [`crate::model::HeapMemory`] implements it on the heap for loom, miri and proptest.
 //!

@@ -6,6 +6,9 @@
 //! one can open a half-initialised segment. Attach checks owner and mode, reads and validates the
 //! header with `pread` before mapping anything, maps under the SIGBUS guard (`crate::sigbus`),
 //! and, as consumer, re-initialises a segment its producer damaged once that producer is gone.
+//!
+//! One cohesive thing despite its length: the segment's life cycle (create, attach, validate,
+//! repair, reset), in the order PROTOCOL.md describes it, sharing one set of invariants.
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -1,4 +1,7 @@
 //! `shmback`: the uploader and its repository commands.
+//!
+//! The command line as one file: clap definitions, their help examples, and the mapping of each
+//! subcommand onto the library (configuration parsed once here, then passed down).
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
