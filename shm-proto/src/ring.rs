@@ -846,7 +846,11 @@ impl<M: Memory> Consumer<M> {
             let avail = self.st.cached_head.wrapping_sub(pos);
             let idx = (pos % cap as u64) as usize;
             let contiguous = cap - idx;
-            let bad = if avail > cap as u64 {
+            let bad = if !pos.is_multiple_of(FRAME_ALIGN as u64) {
+                // Only an unaligned head, once discarded, leaves the tail here; reading a frame
+                // header from it could cross the ring's end. The segment must be re-created.
+                Some(format!("tail {pos} is not {FRAME_ALIGN}-byte aligned (an earlier head was not)"))
+            } else if avail > cap as u64 {
                 Some(format!("head {} is more than the capacity ({cap}) ahead of tail", self.st.cached_head))
             } else if !avail.is_multiple_of(FRAME_ALIGN as u64) {
                 Some(format!("head {} is not {FRAME_ALIGN}-byte aligned", self.st.cached_head))
@@ -856,8 +860,9 @@ impl<M: Memory> Consumer<M> {
             if let Some(what) = bad {
                 return Err(self.corrupt(pos, what));
             }
-            // SAFETY: idx is 8-aligned and < cap, so [idx, idx + 8) is inside the ring; it is
-            // published (avail >= 8, as avail is a non-zero multiple of 8) and not released.
+            // SAFETY: idx is 8-aligned (pos is, checked above, and cap is a power of two >= 8) and
+            // < cap, so [idx, idx + 8) is inside the ring; it is published (avail >= 8, as avail
+            // is a non-zero multiple of 8) and not released.
             let header = FrameHeader::read(&unsafe { self.mem.read(idx, FRAME_HEADER_LEN) });
             let Some(header) = header else {
                 return Err(self.corrupt(pos, "unreadable frame header".into()));

@@ -300,3 +300,20 @@ fn a_hostile_tail_is_an_error_for_the_producer_not_a_panic() {
         assert!(matches!(p.reserve(FrameKind::Data, 32, Duration::from_millis(50)), Err(RingError::Corrupt { .. })));
     }
 }
+
+#[test]
+fn a_hostile_unaligned_head_never_makes_the_consumer_read_outside_the_ring() {
+    // The producer publishes an unaligned head: the consumer discards what was published, which
+    // leaves its own tail unaligned. A later head 8 bytes further (an aligned distance) must not
+    // make it read a frame header across the ring's end.
+    let cap = 256u64;
+    let (mem, _p, mut c) = pair(cap as usize, fast());
+    let head = cap - 4;
+    mem.shared_words().head.store(head, std::sync::atomic::Ordering::Release);
+    assert!(matches!(c.peek(), Err(RingError::Corrupt { .. })));
+    // Every later publication is refused again (each refusal discards it).
+    for more in 1..=3 {
+        mem.shared_words().head.store(head + 8 * more, std::sync::atomic::Ordering::Release);
+        assert!(matches!(c.peek(), Err(RingError::Corrupt { .. })), "an unaligned tail must stay an error");
+    }
+}
