@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Fill, fresh_repo, send_batches as send, shmback_pw as shmback, text};
+use common::{fresh_repo, send_batches as send, shmback_pw as shmback, text};
 
 /// Names and contents of everything below `dir` (empty if nothing).
 fn listing(dir: &Path) -> Vec<String> {
