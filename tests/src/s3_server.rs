@@ -113,6 +113,38 @@ impl S3 for Faulty {
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         self.fs.abort_multipart_upload(req).await
     }
+    // The rest of what s3s-fs serves, passed through unchanged: restic asks for the bucket's
+    // location before anything else (the end-to-end benchmark runs restic against this server).
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        self.fs.get_bucket_location(req).await
+    }
+    async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+        self.fs.list_buckets(req).await
+    }
+    async fn list_objects(&self, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+        self.fs.list_objects(req).await
+    }
+    async fn delete_objects(&self, req: S3Request<DeleteObjectsInput>) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        self.fs.delete_objects(req).await
+    }
+    async fn delete_bucket(&self, req: S3Request<DeleteBucketInput>) -> S3Result<S3Response<DeleteBucketOutput>> {
+        self.fs.delete_bucket(req).await
+    }
+    async fn copy_object(&self, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
+        self.fs.copy_object(req).await
+    }
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        self.fs.upload_part_copy(req).await
+    }
+    async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+        self.fs.list_parts(req).await
+    }
 }
 
 /// A running server; stopped on drop.
