@@ -87,6 +87,9 @@ fn a_misaligned_head_stops_only_its_segment_with_the_fix_named() {
     assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 1);
 }
 
+/// Offset of `tail` in the segment header (shm-proto/PROTOCOL.md, "Header").
+const TAIL_OFFSET: u64 = 256;
+
 #[test]
 fn a_segment_truncated_by_its_producer_is_attached_again_and_served() {
     let (_r, loc) = fresh_repo();
@@ -94,7 +97,19 @@ fn a_segment_truncated_by_its_producer_is_attached_again_and_served() {
     let seg = shm.path().join("seg");
     let server = Server::start(&loc, &seg);
     let (p, _, _) = begin_raw(&seg, &[(FrameKind::Entry, entry_bytes(file("a", 0)))]);
-    // The producer truncates the file under both mappings, then goes away.
+    // Once the uploader has read BEGIN and the entry (its tail, published when it drains the
+    // ring, reaches the producer's head), the producer truncates the file under both mappings,
+    // then goes away. Truncating earlier would leave no batch in flight to reject.
+    let word = |off: u64| {
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&seg).unwrap(), &mut b, off).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let t = std::time::Instant::now();
+    while word(TAIL_OFFSET) == 0 || word(TAIL_OFFSET) != word(HEAD_OFFSET) {
+        assert!(t.elapsed() < T, "the uploader never read the manifest's first frames");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(0).unwrap();
     drop(p);
     // The uploader re-creates the segment once the producer has let go.
