@@ -940,8 +940,8 @@ impl<M: Memory> Consumer<M> {
             }
         }
         let pos = self.st.tail;
-        // Only a producer rewriting published bytes can make the frame vanish between peeks.
-        intact(&self.mem)?;
+        // Only a producer rewriting published bytes can make the frame vanish between peeks
+        // (`peek` itself reports a segment truncated meanwhile).
         self.peek()?.ok_or_else(|| RingError::Corrupt { pos, what: "published frame changed while being read".into() })
     }
 
@@ -952,6 +952,28 @@ impl<M: Memory> Consumer<M> {
     /// Publishes released space now (instead of at the next threshold).
     pub fn flush(&mut self) {
         publish_tail(&self.mem, &mut self.st);
+    }
+
+    /// The sequence the producer last recorded as begun, if neither a durable nor a rejected
+    /// acknowledgement answers it yet (a batch whose BEGIN itself could not be read).
+    pub fn unanswered_begun_seq(&self) -> Option<u64> {
+        let sh = self.mem.shared();
+        let begun = sh.batch.begun_seq.load(Ordering::Acquire);
+        let answered =
+            sh.reverse.durable_seq.load(Ordering::Acquire).max(sh.reverse.rejected_seq.load(Ordering::Acquire));
+        (begun > answered).then_some(begun)
+    }
+
+    /// `Some` once this ring can no longer be used: a hostile producer published a head that is
+    /// not frame-aligned and discarding up to it left this consumer on an unaligned position,
+    /// which every later producer would refuse or write past ([`Consumer::peek`] refuses it too).
+    /// Only a new segment file mends that.
+    pub fn unusable(&self) -> Option<RingError> {
+        let tail = self.st.tail;
+        (!tail.is_multiple_of(FRAME_ALIGN as u64)).then(|| RingError::Corrupt {
+            pos: tail,
+            what: format!("the producer published head {tail}, which is not {FRAME_ALIGN}-byte aligned"),
+        })
     }
 
     /// `Err(SegmentDamaged)` if the segment was found truncated under this side. `peek`, `wait`

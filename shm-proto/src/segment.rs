@@ -661,14 +661,12 @@ impl Segment {
         let meta = file.metadata().map_err(io_err("inspecting segment", path))?;
         let (_, fields) = read_fields(&file).map_err(io_err("reading segment header", path))?;
         check_owner(path, &meta, (fields.magic == MAGIC).then_some(fields.flags))?;
-        for role in [Role::Producer, Role::Consumer] {
-            if !sys::try_lock_byte(&file, lock_byte(role)).map_err(io_err("locking segment", path))? {
-                let pid = match role {
-                    Role::Producer => fields.producer_pid,
-                    Role::Consumer => fields.consumer_pid,
-                };
-                return Err(SegmentError::InUse { path: path.into(), role, pid });
-            }
+        if let Some(role) = take_both_role_locks(&file, path)? {
+            let pid = match role {
+                Role::Producer => fields.producer_pid,
+                Role::Consumer => fields.consumer_pid,
+            };
+            return Err(SegmentError::InUse { path: path.into(), role, pid });
         }
         let old_generation = if fields.magic == MAGIC { fields.generation } else { 0 };
         let capacity = opts.capacity.unwrap_or(DEFAULT_CAPACITY);
@@ -812,6 +810,17 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata, group_flags: Option<u32>) 
     Err(SegmentError::ForeignOwner { path: path.into(), uid: meta.uid(), gid: meta.gid(), mode, euid })
 }
 
+/// Takes both role locks (what a reset and a repair need: nobody attached while the segment is
+/// re-initialised); returns the first role another process holds, if one does.
+fn take_both_role_locks(file: &File, path: &Path) -> Result<Option<Role>, SegmentError> {
+    for role in [Role::Producer, Role::Consumer] {
+        if !sys::try_lock_byte(file, lock_byte(role)).map_err(io_err("locking segment", path))? {
+            return Ok(Some(role));
+        }
+    }
+    Ok(None)
+}
+
 /// A consumer's repair of a damaged segment no producer holds: under both role locks, look again
 /// (someone may have repaired it meanwhile), then re-initialise it in place, generation + 1.
 /// Nothing in a damaged ring was acknowledged, so nothing is lost: its producer resends.
@@ -822,16 +831,14 @@ fn repair(
     opts: &SegmentOptions,
     damage: &Damage,
 ) -> Result<(), SegmentError> {
-    for role in [Role::Producer, Role::Consumer] {
-        if !sys::try_lock_byte(file, lock_byte(role)).map_err(io_err("locking segment", path))? {
-            let (_, fields) = read_fields(file).unwrap_or_default();
-            return Err(match role {
-                Role::Producer => {
-                    SegmentError::DamagedInUse { path: path.into(), what: damage.to_string(), pid: fields.producer_pid }
-                }
-                Role::Consumer => SegmentError::RoleTaken { path: path.into(), role, pid: fields.consumer_pid },
-            });
-        }
+    if let Some(role) = take_both_role_locks(file, path)? {
+        let (_, fields) = read_fields(file).unwrap_or_default();
+        return Err(match role {
+            Role::Producer => {
+                SegmentError::DamagedInUse { path: path.into(), what: damage.to_string(), pid: fields.producer_pid }
+            }
+            Role::Consumer => SegmentError::RoleTaken { path: path.into(), role, pid: fields.consumer_pid },
+        });
     }
     let (size, fields) = read_fields(file).map_err(io_err("reading segment header", path))?;
     let damage = match validate(path, size, &fields, opts) {

@@ -4,12 +4,15 @@
 //! owner and mode on attach, header validation before mapping, monotonic acknowledgements.
 #![cfg(not(loom))]
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{ftruncate, opts, shm_dir};
 use shmback_proto::layout::HEADER_SIZE;
 use shmback_proto::model::HeapMemory;
 use shmback_proto::{
@@ -20,23 +23,6 @@ use shmback_proto::{
 const T: Duration = Duration::from_secs(10);
 /// Offset of `head` in the header (PROTOCOL.md, "Header").
 const HEAD_OFFSET: u64 = 128;
-
-fn shm_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").expect("/dev/shm is writable")
-}
-
-fn opts(cap: usize) -> SegmentOptions {
-    SegmentOptions {
-        capacity: Some(cap),
-        ring: RingConfig { tick: Duration::from_millis(10), ..RingConfig::default() },
-        ..SegmentOptions::default()
-    }
-}
-
-/// What a producer with write access to its segment file can do to it.
-fn ftruncate(path: &Path, len: u64) {
-    OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
-}
 
 fn pwrite(path: &Path, off: u64, bytes: &[u8]) {
     OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, off).unwrap();

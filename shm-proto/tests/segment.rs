@@ -2,25 +2,16 @@
 //! actionable), one process per role, liveness through OFD locks, reset, and the ring over it.
 #![cfg(not(loom))]
 
+mod common;
+
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{opts, shm_dir};
 use shmback_proto::layout::HEADER_SIZE;
-use shmback_proto::{Frame, FrameKind, RingConfig, RingError, Role, Segment, SegmentError, SegmentOptions};
-
-fn shm_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").expect("/dev/shm is writable")
-}
-
-fn opts(cap: usize) -> SegmentOptions {
-    SegmentOptions {
-        capacity: Some(cap),
-        ring: RingConfig { tick: Duration::from_millis(10), ..RingConfig::default() },
-        ..SegmentOptions::default()
-    }
-}
+use shmback_proto::{Frame, FrameKind, RingError, Role, Segment, SegmentError, SegmentOptions};
 
 fn any_size() -> SegmentOptions {
     SegmentOptions { capacity: None, ..opts(4096) }

@@ -4,29 +4,15 @@
 //! hold copies of them until its exec (see `hostile.rs`).
 #![cfg(not(loom))]
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use shmback_proto::{RingConfig, RingError, Segment, SegmentOptions};
-
-fn shm_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").expect("/dev/shm is writable")
-}
-
-fn opts(cap: usize) -> SegmentOptions {
-    SegmentOptions {
-        capacity: Some(cap),
-        ring: RingConfig { tick: Duration::from_millis(10), ..RingConfig::default() },
-        ..SegmentOptions::default()
-    }
-}
-
-/// What a producer with write access to its segment file can do to it.
-fn ftruncate(path: &Path, len: u64) {
-    OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
-}
+use common::{ftruncate, opts, shm_dir};
+use shmback_proto::{RingError, Segment};
 
 #[test]
 fn an_unrelated_sigbus_still_kills_the_process() {

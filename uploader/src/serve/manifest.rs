@@ -57,7 +57,6 @@ pub(crate) struct Entries {
     records: Vec<Record>,
     arena: Vec<u8>,
     last_path: Vec<u8>,
-    files: u64,
     streams: u64,
     declared_bytes: u64,
 }
@@ -99,7 +98,6 @@ impl Entries {
         self.arena.extend_from_slice(&entry.target);
         self.records.push(record);
         if entry.kind == EntryKind::File {
-            self.files += 1;
             match entry.size {
                 Some(n) => self.declared_bytes += n,
                 None => self.streams += 1,

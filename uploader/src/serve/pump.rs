@@ -10,13 +10,12 @@
 //! A little over the house's ~400 lines: the data phase's bookkeeping is one state machine.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shmback_proto::batch::Event;
-use shmback_proto::frame::{FRAME_ALIGN, FrameKind};
-use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, Memory, RejectCode, RingError, Segment};
+use shmback_proto::frame::FrameKind;
+use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, RejectCode, RingError, Segment};
 
 use super::shutdown::Shutdown;
 
@@ -122,23 +121,12 @@ impl Pump {
 
     /// The sequence the producer last recorded as begun, if no outcome answers it yet.
     pub(crate) fn unanswered_begun_seq(&self) -> Option<u64> {
-        let shared = self.consumer.memory().shared();
-        let begun = shared.batch.begun_seq.load(Ordering::Acquire);
-        let answered =
-            shared.reverse.durable_seq.load(Ordering::Acquire).max(shared.reverse.rejected_seq.load(Ordering::Acquire));
-        (begun > answered).then_some(begun)
+        self.consumer.unanswered_begun_seq()
     }
 
-    /// A ring that no producer can use any more, if this one is: a hostile producer published a
-    /// head that is not frame-aligned, and the consumer (which discarded up to it) now sits on
-    /// an unaligned position that every later producer would refuse or write past. Only a new
-    /// segment file mends that.
+    /// A ring no producer can use any more (see `Consumer::unusable`), if this one is.
     pub(crate) fn unusable(&self) -> Option<RingError> {
-        let head = self.consumer.memory().shared().head.load(Ordering::Acquire);
-        (!head.is_multiple_of(FRAME_ALIGN as u64)).then(|| RingError::Corrupt {
-            pos: head,
-            what: format!("the producer published head {head}, which is not 8-byte aligned"),
-        })
+        self.consumer.unusable()
     }
 
     /// Why a batch is rejected when the ring stayed empty past the idle limit, if it did.
