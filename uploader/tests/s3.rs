@@ -5,10 +5,13 @@
 //! bucket, TLS to a plain-HTTP server and an unreachable endpoint each get their message and exit
 //! status.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::text;
 use shmback_tests::s3_server::S3Server;
 use shmback_writer::{Outbox, OutboxOptions, WriteError};
 
@@ -41,10 +44,6 @@ fn shmback(repo: &str, args: &[&str], secret: &str) -> Command {
 
 fn out(c: &mut Command) -> Output {
     c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn tree(root: &Path) {

@@ -13,6 +13,7 @@ use super::manifest::Manifest;
 use super::options::{BatchOutcome, ServeOptions};
 use super::pump::{BatchEnd, Ring};
 use super::reader::BatchSource;
+use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
 use crate::repository::{self, Purpose};
 use shmback_proto::RejectCode;
@@ -63,7 +64,7 @@ pub(crate) fn run_batch(
                 _ => anyhow::anyhow!("the repository handle was lost by an earlier failure"),
             };
             ring.lock().skip_rest_of_batch();
-            let why = format!("loading the repository's index failed: {e:#}");
+            let why = without_empty_backtraces(&format!("loading the repository's index failed: {e:#}"));
             return (BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }, Err(e));
         }
     };
@@ -78,7 +79,7 @@ pub(crate) fn run_batch(
         (_, BatchEnd::Failed(why, code)) => BatchOutcome::Rejected { seq, why, code },
         (Err(e), BatchEnd::Committed) => BatchOutcome::Rejected {
             seq,
-            why: format!("storing the snapshot failed: {e:#}"),
+            why: without_empty_backtraces(&format!("storing the snapshot failed: {e:#}")),
             code: RejectCode::StorageFailed,
         },
     };

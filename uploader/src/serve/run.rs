@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use super::batch::{Repo, open_repo};
 use super::options::{BatchOutcome, ServeOptions};
 use super::segment::{SegmentStop, serve_segment};
+use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
 
 /// Serves the segment at `path` (created if missing) until `stop` is set, calling `on_batch`
@@ -139,7 +140,7 @@ pub fn serve_all(
                                 stop.store(true, Ordering::Relaxed);
                             }
                             let e = stopped(path, e);
-                            error!("{e:#}");
+                            error!("{}", without_empty_backtraces(&format!("{e:#}")));
                             e
                         })
                     })
