@@ -225,6 +225,10 @@ pub enum RejectCode {
     StorageFailed,
     /// The uploader is shutting down and abandoned the batch.
     ShuttingDown,
+    /// The batch is larger than the uploader's limits (entries, manifest memory, frame size).
+    TooLarge,
+    /// The producer stalled: no frame for longer than the uploader's idle limit.
+    Stalled,
     /// A code this build does not know.
     Other(u32),
 }
@@ -237,6 +241,8 @@ impl RejectCode {
             RejectCode::Aborted => 2,
             RejectCode::StorageFailed => 3,
             RejectCode::ShuttingDown => 4,
+            RejectCode::TooLarge => 5,
+            RejectCode::Stalled => 6,
             RejectCode::Other(c) => c,
         }
     }
@@ -247,6 +253,8 @@ impl RejectCode {
             2 => RejectCode::Aborted,
             3 => RejectCode::StorageFailed,
             4 => RejectCode::ShuttingDown,
+            5 => RejectCode::TooLarge,
+            6 => RejectCode::Stalled,
             c => RejectCode::Other(c),
         }
     }
@@ -259,6 +267,8 @@ impl std::fmt::Display for RejectCode {
             RejectCode::Aborted => f.write_str("batch aborted or torn"),
             RejectCode::StorageFailed => f.write_str("storing the snapshot failed"),
             RejectCode::ShuttingDown => f.write_str("uploader shutting down"),
+            RejectCode::TooLarge => f.write_str("batch over the uploader's limits"),
+            RejectCode::Stalled => f.write_str("producer stalled past the uploader's idle limit"),
             RejectCode::Other(c) => write!(f, "reason code {c}"),
         }
     }

@@ -18,6 +18,7 @@ use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
 use shmback_uploader::backends::s3::{Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
@@ -98,11 +99,36 @@ enum Cmd {
     #[command(after_help = "Examples:
   shmback run                                        # /dev/shm/shmback
   shmback run --segment /dev/shm/db --segment /dev/shm/media
-  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25")]
+  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25
+  # Another service pushes batches (shmback-send --to http://backup:8700 /data):
+  SHMBACK_TOKEN_FILE=/run/secrets/token shmback run --listen 0.0.0.0:8700
+  # Or this one pulls them from the app's service (shmback-send --serve 0.0.0.0:8701 /data):
+  shmback run --pull http://app:8701 --pull-interval 3600")]
     Run {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
-        #[arg(short, long, env = "SHMBACK_SEGMENT", value_delimiter = ',', default_value = "/dev/shm/shmback")]
+        /// Default /dev/shm/shmback, unless --listen or --pull is given.
+        #[arg(short, long, env = "SHMBACK_SEGMENT", value_delimiter = ',')]
         segment: Vec<PathBuf>,
+        /// Accept batches pushed over HTTP on this address (e.g. 0.0.0.0:8700), from
+        /// `shmback-send --to`. Set a token (SHMBACK_TOKEN or --token-file) unless only trusted
+        /// services can reach it.
+        #[arg(long, value_name = "ADDR", env = "SHMBACK_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// Batches archived at once over HTTP, all producers together (each holds the engine's
+        /// working memory); one more gets 429 and is resent.
+        #[arg(long, value_name = "N", env = "SHMBACK_LISTEN_MAX_BATCHES", default_value_t = 4)]
+        listen_max_batches: usize,
+        /// Pull batches from a producer running `shmback-send --serve` at this URL (e.g.
+        /// http://app:8701): once at start, then every --pull-interval.
+        #[arg(long, value_name = "URL", env = "SHMBACK_PULL")]
+        pull: Option<String>,
+        /// Seconds between pulls.
+        #[arg(long, value_name = "SECONDS", env = "SHMBACK_PULL_INTERVAL", default_value_t = 3600)]
+        pull_interval: u64,
+        /// File holding the HTTP bearer token (else the SHMBACK_TOKEN variable; no flag for the
+        /// token itself, it would show in `ps`).
+        #[arg(long, value_name = "FILE", env = "SHMBACK_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Seconds a batch in flight may still take after SIGTERM before it is abandoned.
         #[arg(long, value_name = "SECONDS", default_value_t = 20)]
         grace: u64,
@@ -319,7 +345,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             open_repo(&config, true)?;
             println!("created repository {}", config.location);
         }
-        Cmd::Run { segment, grace, host, ring_size, group_shared, batch_idle, max_entries } => {
+        Cmd::Run {
+            segment,
+            listen,
+            listen_max_batches,
+            pull,
+            pull_interval,
+            token_file,
+            grace,
+            host,
+            ring_size,
+            group_shared,
+            batch_idle,
+            max_entries,
+        } => {
             let config = repository_config(cli)?;
             let stop = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -335,12 +374,62 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             opts.segment =
                 SegmentOptions { capacity: *ring_size, group_shared: *group_shared, ..SegmentOptions::default() };
-            serve_all(&config, segment, &opts, &stop, |seg: &Path, o: &BatchOutcome| match o {
+            let segments = if segment.is_empty() && listen.is_none() && pull.is_none() {
+                vec![PathBuf::from("/dev/shm/shmback")]
+            } else {
+                segment.clone()
+            };
+            let http = HttpOptions {
+                token: token_from(
+                    std::env::var("SHMBACK_TOKEN").ok().filter(|t| !t.is_empty()),
+                    token_file.as_deref(),
+                )?,
+                max_batches: (*listen_max_batches).max(1),
+                ..HttpOptions::default()
+            };
+            let print = |from: &str, o: &BatchOutcome| match o {
                 BatchOutcome::Stored { seq, snapshot, elapsed } => {
-                    println!("{}: batch {seq}: snapshot {} ({elapsed:.2?})", seg.display(), snapshot.id)
+                    println!("{from}: batch {seq}: snapshot {} ({elapsed:.2?})", snapshot.id)
                 }
                 // Logged (with the reason, rate-limited against a flooding producer) by the library.
                 BatchOutcome::Rejected { .. } => {}
+            };
+            let on_http: OnBatch = Arc::new(print);
+            // Bound first: a port in use fails before anything is served.
+            let listener = listen.map(bind).transpose()?;
+            // Every transport on its own thread; the first to fail stops the others.
+            let failed = |r: anyhow::Result<()>| {
+                if r.is_err() {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                r
+            };
+            std::thread::scope(|scope| {
+                let mut jobs = Vec::new();
+                if let Some(listener) = listener {
+                    let on = on_http.clone();
+                    let (config, http, opts, stop) = (&config, &http, &opts, &stop);
+                    jobs.push(scope.spawn(move || failed(listen_http(config, listener, http, opts, stop, on))));
+                }
+                if let Some(url) = pull {
+                    let on = on_http.clone();
+                    let every = Duration::from_secs((*pull_interval).max(1));
+                    let (config, http, opts, stop) = (&config, &http, &opts, &stop);
+                    jobs.push(scope.spawn(move || failed(pull_http(config, url, every, http, opts, stop, on))));
+                }
+                let mut result = Ok(());
+                if !segments.is_empty() {
+                    result = failed(serve_all(&config, &segments, &opts, &stop, |seg: &Path, o: &BatchOutcome| {
+                        print(&seg.display().to_string(), o)
+                    }));
+                }
+                for job in jobs {
+                    let r = job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")));
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+                result
             })?;
         }
         Cmd::Snapshots { json } => {

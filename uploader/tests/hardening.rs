@@ -143,10 +143,10 @@ fn a_stalled_batch_is_rejected_after_the_idle_limit() {
     assert!(first.starts_with("Rejected") && first.contains("--batch-idle"), "{first}");
     release.send(()).unwrap();
     let got = slow.join().unwrap();
-    assert!(matches!(got, Err(WriteError::Rejected { code: RejectCode::Aborted, .. })), "{got:?}");
+    assert!(matches!(got, Err(WriteError::Rejected { code: RejectCode::Stalled, .. })), "{got:?}");
     // Stalled in the manifest: BEGIN and one entry, then nothing.
     let (mut p, seq, epoch) = begin_raw(&seg, &[(FrameKind::Entry, entry_bytes(file("a", 0)))]);
-    expect_rejected(&mut p, seq, epoch, RejectCode::Aborted);
+    expect_rejected(&mut p, seq, epoch, RejectCode::Stalled);
     drop(p);
     good_batch(&seg, "after").unwrap();
     let out = server.stop();
@@ -167,7 +167,7 @@ fn a_manifest_over_the_entry_limit_is_refused_while_it_arrives() {
         b.add_bytes(format!("f{i:03}"), "x").unwrap();
     }
     let got = b.commit().and_then(|t| t.wait_durable(T));
-    assert!(matches!(got, Err(WriteError::Rejected { code: RejectCode::Malformed, .. })), "{got:?}");
+    assert!(matches!(got, Err(WriteError::Rejected { code: RejectCode::TooLarge, .. })), "{got:?}");
     let mut b = ob.batch();
     for i in 0..100 {
         b.add_bytes(format!("f{i:03}"), "x").unwrap();

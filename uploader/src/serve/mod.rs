@@ -24,6 +24,7 @@
 
 mod batch;
 mod gate;
+mod http;
 mod manifest;
 mod node;
 mod options;
@@ -33,7 +34,9 @@ mod report;
 mod run;
 mod segment;
 mod shutdown;
+mod source;
 
 pub use batch::{Repo, open_repo, snapshot_id_bytes};
+pub use http::{HttpOptions, OnBatch, bind, listen, pull, token_from};
 pub use options::{BatchOutcome, ServeOptions};
 pub use run::{serve, serve_all};

@@ -1,5 +1,5 @@
-//! The ring side of a segment: the consumer, the batch decoder, and what the frames of the batch
-//! in flight have delivered so far. The serve loop reads a batch's manifest through
+//! The frame side of a producer: its [`Source`] (a segment's ring or an HTTP body), the batch
+//! decoder, and what the frames of the batch in flight have delivered so far. The serve loop reads a batch's manifest through
 //! [`Pump::next_manifest_frame`]; during the data phase the archiver's file readers
 //! (`reader.rs`) drive [`Pump::step`] and [`Pump::take_pending`] in turns.
 //!
@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use shmback_proto::batch::Event;
 use shmback_proto::frame::FrameKind;
-use shmback_proto::{BatchDecoder, Begin, Consumer, Entry, RejectCode, RingError, Segment};
+use shmback_proto::{BatchDecoder, Begin, Entry, RejectCode, RingError};
 
 use super::shutdown::Shutdown;
+use super::source::Source;
 
 /// How a batch's data phase ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,9 +74,9 @@ pub(crate) enum Step {
     Idle,
 }
 
-/// The consumer, the decoder and the bookkeeping of the batch in flight.
+/// The frame source, the decoder and the bookkeeping of the batch in flight.
 pub(crate) struct Pump {
-    consumer: Consumer<Segment>,
+    source: Source,
     decoder: BatchDecoder,
     tick: Duration,
     /// Zero: a stalled producer is waited for for ever.
@@ -93,9 +94,9 @@ pub(crate) struct Pump {
 }
 
 impl Pump {
-    pub(crate) fn new(consumer: Consumer<Segment>, tick: Duration, idle_limit: Duration, shutdown: Shutdown) -> Self {
+    pub(crate) fn new(source: Source, tick: Duration, idle_limit: Duration, shutdown: Shutdown) -> Self {
         Pump {
-            consumer,
+            source,
             decoder: BatchDecoder::new(),
             tick,
             idle_limit,
@@ -109,9 +110,9 @@ impl Pump {
         }
     }
 
-    /// The consumer, to publish a batch's outcome.
-    pub(crate) fn consumer(&mut self) -> &mut Consumer<Segment> {
-        &mut self.consumer
+    /// The frame source, to publish a batch's outcome.
+    pub(crate) fn source(&mut self) -> &mut Source {
+        &mut self.source
     }
 
     /// Leaves the open batch: its remaining frames are skipped up to the next BEGIN.
@@ -121,12 +122,12 @@ impl Pump {
 
     /// The sequence the producer last recorded as begun, if no outcome answers it yet.
     pub(crate) fn unanswered_begun_seq(&self) -> Option<u64> {
-        self.consumer.unanswered_begun_seq()
+        self.source.unanswered_begun_seq()
     }
 
     /// A ring no producer can use any more (see `Consumer::unusable`), if this one is.
     pub(crate) fn unusable(&self) -> Option<RingError> {
-        self.consumer.unusable()
+        self.source.unusable()
     }
 
     /// Why a batch is rejected when the ring stayed empty past the idle limit, if it did.
@@ -143,7 +144,7 @@ impl Pump {
 
     /// Waits one tick for the ring; `Ok(false)` when nothing arrived.
     fn wait(&mut self) -> Result<bool, RingError> {
-        match self.consumer.wait(self.tick) {
+        match self.source.wait(self.tick) {
             Ok(()) => Ok(true),
             Err(RingError::Timeout { .. }) => {
                 self.waiting_since.get_or_insert_with(Instant::now);
@@ -162,7 +163,7 @@ impl Pump {
             Err(RingError::PeerGone { .. }) => return Ok(ManifestFrame::ProducerGone),
             Err(e) => return Err(e),
         }
-        let frame = match self.consumer.peek() {
+        let frame = match self.source.peek() {
             Ok(Some(frame)) => frame,
             // Published bytes that were only padding.
             Ok(None) => return Ok(ManifestFrame::Nothing),
@@ -257,7 +258,7 @@ impl Pump {
             Ok(true) => {}
             Ok(false) => {
                 if let Some(why) = self.stalled() {
-                    self.fail(why, RejectCode::Aborted);
+                    self.fail(why, RejectCode::Stalled);
                     return Step::Progress;
                 }
                 return Step::Idle;
@@ -271,7 +272,7 @@ impl Pump {
                 return Step::Progress;
             }
         }
-        let frame = match self.consumer.peek() {
+        let frame = match self.source.peek() {
             Ok(Some(f)) => f,
             Ok(None) => return Step::Idle,
             Err(e) => {
@@ -329,7 +330,7 @@ impl Pump {
     /// Copies bytes of the pending DATA frame into `buf` (or discards them when `buf` is None).
     pub(crate) fn take_pending(&mut self, buf: Option<&mut [u8]>) -> usize {
         let Some(p) = self.pending else { return 0 };
-        let frame = match self.consumer.peek() {
+        let frame = match self.source.peek() {
             Ok(Some(f)) if f.position() == p.pos => f,
             _ => {
                 self.pending = None;

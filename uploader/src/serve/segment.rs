@@ -1,6 +1,6 @@
-//! The serve loop of one segment: it owns the segment's [`Ring`] (consumer and decoder) for as
-//! long as it serves, collects each batch's manifest, hands complete ones to [`run_batch`], and
-//! settles every outcome through its [`Reporter`].
+//! The serve loop of one source (a segment, or an HTTP body): it owns the source's [`Ring`]
+//! (frame source and decoder) for as long as it serves, collects each batch's manifest, hands
+//! complete ones to [`run_batch`], and settles every outcome through its [`Reporter`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use super::options::{BatchOutcome, ServeOptions};
 use super::pump::{ManifestFrame, Pump, Ring};
 use super::report::Reporter;
 use super::shutdown::Shutdown;
+use super::source::Source;
 
 /// Why serving a segment stopped before the daemon did.
 #[derive(Debug)]
@@ -37,9 +38,23 @@ pub(crate) fn serve_segment(
     stop: Arc<std::sync::atomic::AtomicBool>,
     on_batch: impl FnMut(&BatchOutcome),
 ) -> Result<(), SegmentStop> {
+    let label = path.display().to_string();
+    serve_source(repo, &label, Source::Ring(consumer), opts, stop, on_batch)
+}
+
+/// Serves `source` until `stop` is set or the source is exhausted (an HTTP body carries one
+/// batch): the same loop, decoder and gate for every transport.
+pub(crate) fn serve_source(
+    repo: &mut Repo,
+    label: &str,
+    source: Source,
+    opts: &ServeOptions,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    on_batch: impl FnMut(&BatchOutcome),
+) -> Result<(), SegmentStop> {
     let shutdown = Shutdown::new(stop, opts.grace);
-    let ring = Arc::new(Ring::new(Pump::new(consumer, opts.tick, opts.batch_idle, shutdown)));
-    let mut reporter = Reporter::new(path, on_batch);
+    let ring = Arc::new(Ring::new(Pump::new(source, opts.tick, opts.batch_idle, shutdown)));
+    let mut reporter = Reporter::new(label, on_batch);
     let result = manifest_loop(repo, &ring, opts, &mut reporter);
     reporter.roll_interval(true);
     result
@@ -75,7 +90,10 @@ fn manifest_loop(
             ManifestFrame::Nothing => {
                 if let Some(why) = open.as_ref().and_then(|_| pump.stalled()) {
                     let seq = open.take().map_or(0, |m| m.seq());
-                    reject(reporter, &mut pump, seq, why, RejectCode::Aborted);
+                    reject(reporter, &mut pump, seq, why, RejectCode::Stalled);
+                }
+                if pump.source().exhausted() {
+                    return Ok(());
                 }
                 reporter.roll_interval(false);
             }
@@ -84,16 +102,20 @@ fn manifest_loop(
                     let why = "the producer died or left while sending the manifest".to_string();
                     reject(reporter, &mut pump, m.seq(), why, RejectCode::Aborted);
                 }
+                if pump.source().exhausted() {
+                    return Ok(());
+                }
             }
             ManifestFrame::Begin { begin, interrupted } => {
                 if let Some(seq) = interrupted {
                     let why = "torn: the producer began a new batch".to_string();
-                    reporter.settle(pump.consumer(), BatchOutcome::Rejected { seq, why, code: RejectCode::Aborted });
+                    reporter.settle(pump.source(), BatchOutcome::Rejected { seq, why, code: RejectCode::Aborted });
                 }
                 open = None;
-                if begin.seq <= pump.consumer().last_durable_seq() {
+                if begin.seq <= pump.source().last_durable_seq() {
                     info!(seq = begin.seq, "batch already stored; skipping its frames");
                     pump.skip_rest_of_batch();
+                    pump.source().already_stored(begin.seq);
                     continue;
                 }
                 open = Some(Manifest::new(begin));
@@ -103,20 +125,20 @@ fn manifest_loop(
                 if let Err(why) = m.entries.push(entry, limits) {
                     let seq = m.seq();
                     open = None;
-                    reject(reporter, &mut pump, seq, why, RejectCode::Malformed);
+                    reject(reporter, &mut pump, seq, why, RejectCode::TooLarge);
                 }
             }
             ManifestFrame::EndOfManifest => {
                 let Some(manifest) = open.take() else { continue };
                 drop(pump);
                 let (outcome, reloaded) = run_batch(repo, ring, manifest, opts);
-                reporter.settle(ring.lock().consumer(), outcome);
+                reporter.settle(ring.lock().source(), outcome);
                 reloaded.map_err(SegmentStop::Repository)?;
             }
             ManifestFrame::Abort { seq, reason } => {
                 open = None;
                 let why = format!("the producer aborted it: {reason}");
-                reporter.settle(pump.consumer(), BatchOutcome::Rejected { seq, why, code: RejectCode::Aborted });
+                reporter.settle(pump.source(), BatchOutcome::Rejected { seq, why, code: RejectCode::Aborted });
             }
             ManifestFrame::Skipped => {}
             ManifestFrame::Invalid(why) => {
@@ -144,5 +166,5 @@ fn reject(
     code: RejectCode,
 ) {
     pump.skip_rest_of_batch();
-    reporter.settle(pump.consumer(), BatchOutcome::Rejected { seq, why, code });
+    reporter.settle(pump.source(), BatchOutcome::Rejected { seq, why, code });
 }
