@@ -43,3 +43,7 @@ def ring(frames):
 for name, frames in batches.items():
     open(os.path.join(here, 'corpus/decode', name), 'wb').write(records(frames))
     open(os.path.join(here, 'corpus/ring', name), 'wb').write(ring(frames)[:4096 + 8])
+    # stream: 8 chunk-size bytes (each +1), then the body (the ring's frames without a head).
+    for sizes in (bytes([0] * 8), bytes([6, 200, 1, 63, 7, 0, 255, 12])):
+        os.makedirs(os.path.join(here, 'corpus/stream'), exist_ok=True)
+        open(os.path.join(here, 'corpus/stream', name + '-' + sizes[:2].hex()), 'wb').write(sizes + ring(frames)[8:])

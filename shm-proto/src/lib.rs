@@ -53,6 +53,7 @@ pub mod ring;
 pub mod segment;
 #[cfg(not(loom))]
 mod sigbus;
+pub mod stream;
 mod sync;
 #[cfg(not(loom))]
 mod sys;
