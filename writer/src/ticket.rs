@@ -82,7 +82,8 @@ enum Inner<'o> {
         /// The uploader's incarnation the batch was sent to: an ack from a later one is not for it.
         epoch: u64,
     },
-    Http(Pending<'o>),
+    /// Boxed: a pending push holds the whole manifest, a ring ticket two words.
+    Http(Box<Pending<'o>>),
 }
 
 impl<'o> Ticket<'o> {
@@ -97,7 +98,7 @@ impl<'o> Ticket<'o> {
     }
 
     pub(crate) fn http(pending: Pending<'o>, seq: u64, progress: Progress, elapsed: Duration) -> Self {
-        Ticket { inner: Inner::Http(pending), seq, progress, elapsed }
+        Ticket { inner: Inner::Http(Box::new(pending)), seq, progress, elapsed }
     }
 }
 
