@@ -142,6 +142,7 @@ impl Outbox {
     /// use std::time::Duration;
     /// use shmback_writer::{HttpOptions, Outbox, OutboxOptions};
     ///
+    /// # fn main() -> Result<(), shmback_writer::WriteError> {
     /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     /// # let url = format!("http://{}", listener.local_addr().unwrap());
     /// # let uploader = std::thread::spawn(move || stand_in::serve_one(listener, [9; 32]));
@@ -153,7 +154,8 @@ impl Outbox {
     /// let id = ticket.wait_durable(Duration::from_secs(600))?; // the uploader stored it
     /// assert_eq!(id.to_string(), "09".repeat(32));
     /// # uploader.join().unwrap();
-    /// # Ok::<(), shmback_writer::WriteError>(())
+    /// # Ok(())
+    /// # }
     /// # mod stand_in {
     /// #     use std::io::{BufRead, BufReader, Read, Write};
     /// #     pub fn serve_one(l: std::net::TcpListener, id: [u8; 32]) {
