@@ -324,3 +324,58 @@ fn pull_mode_serves_a_batch_and_exits_on_its_outcome() {
     assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("batch {} stored as snapshot {}", got.seq, "5a".repeat(32))), "{stdout}");
 }
+
+fn send_to(url: &str, token: &str, path: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shmback-send"))
+        .args(["--to", url, "--wait-durable", "--producer", "cli"])
+        .arg(path)
+        .env("SHMBACK_TOKEN", token)
+        .env_remove("SHMBACK_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn shmback_send_pushes_with_to_and_exits_7_on_a_refused_token() {
+    let dir = sample_dir();
+    let (url, uploader) = stand_in(vec![Act::Store]);
+    let (code, stdout, stderr) = send_to(&url, TOKEN, &dir.path().join("a.txt"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(&format!("stored as snapshot {}", "5a".repeat(32))), "{stdout}");
+    let got = uploader.join().unwrap();
+    assert_eq!(got[0].producer, "cli");
+    assert!(got[0].committed);
+
+    let (url, uploader) = stand_in(vec![Act::Store]);
+    let (code, _, stderr) = send_to(&url, "wrong-token", &dir.path().join("a.txt"));
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(stderr.contains("SHMBACK_TOKEN/SHMBACK_TOKEN_FILE"), "{stderr}");
+    assert_eq!(uploader.join().unwrap().len(), 1);
+}
+
+#[test]
+fn a_token_from_both_variables_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shmback-send"))
+        .args(["--to", "http://127.0.0.1:9", "/etc/hostname"])
+        .env("SHMBACK_TOKEN", "a")
+        .env("SHMBACK_TOKEN_FILE", "/etc/hostname")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set only one"));
+}
+
+#[test]
+fn a_stream_already_read_is_not_sent_twice() {
+    let (url, uploader) = stand_in(vec![Act::DropMidBody]);
+    let mut ob = outbox(&url, TOKEN);
+    let mut batch = ob.batch();
+    let dump = std::io::Cursor::new(vec![b'x'; 6 << 20]);
+    batch.add_reader("dump.sql", None, EntryMeta::default(), dump).unwrap();
+    let err = batch.commit().and_then(|t| t.wait_durable(Duration::from_secs(60))).unwrap_err();
+    assert!(matches!(err, WriteError::NotResendable { .. }), "{err}");
+    assert!(err.to_string().contains("run the producer again"), "{err}");
+    assert_eq!(uploader.join().unwrap().len(), 1);
+}
