@@ -1,7 +1,7 @@
 //! [`Batch`]: the entries of one snapshot, collected and validated as they are added, then handed
 //! to the send pipeline in manifest order.
 
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,10 +9,11 @@ use std::time::Instant;
 use shmback_proto::{EntryKind, Labels};
 
 use crate::entries::{EntryMeta, FsRoot, NewData, NewEntry};
-use crate::entry_list::EntryList;
+use crate::entry_list::{EntryList, Manifest};
 use crate::error::WriteError;
+use crate::outbox::{Channel, Route};
 use crate::progress::Progress;
-use crate::send::{Channel, send_batch};
+use crate::send::{StreamSink, pipeline, send_ring};
 use crate::ticket::Ticket;
 
 /// One snapshot's entries. Build it with `add_*`, then [`Batch::commit`]. Dropping it (or
@@ -241,6 +242,39 @@ impl<'o> Batch<'o> {
     /// data is sent, and once after COMMIT.
     pub fn commit_with_progress(self, progress: impl FnMut(&Progress)) -> Result<Ticket<'o>, WriteError> {
         let start = Instant::now();
+        let (channel, labels, manifest) = self.into_parts();
+        let Channel { route, timeout, frame_size, .. } = channel;
+        match route {
+            Route::Ring(ring) => send_ring(ring, timeout, frame_size, labels, manifest, progress, start),
+            Route::Http(client) => crate::http::send_http(client, frame_size, labels, manifest, progress, start),
+            Route::Detached(_) => Err(WriteError::Detached),
+        }
+    }
+
+    /// Writes the batch into `out` in stream form (PROTOCOL.md, "Over HTTP": the body of a push,
+    /// or of a `GET /v1/batch` answer in pull mode) and returns its sequence and what was sent.
+    /// The sequence is the milliseconds since the Unix epoch, bumped past the outbox's last one.
+    /// A source that changes ends the stream with ABORT and returns
+    /// [`WriteError::SourceChanged`]; a write error leaves the stream torn.
+    pub fn write_to(self, out: impl Write) -> Result<(u64, Progress), WriteError> {
+        let (channel, labels, mut manifest) = self.into_parts();
+        let Channel { route, frame_size, .. } = channel;
+        let mut unused = 0;
+        let last = match route {
+            Route::Http(client) => &mut client.last_seq,
+            Route::Detached(last) => last,
+            Route::Ring(_) => &mut unused,
+        };
+        let seq = crate::http::next_seq(last);
+        manifest.refresh_metadata()?;
+        let mut sink = StreamSink::new(out, frame_size);
+        let sent = pipeline(&mut sink, seq, &labels, &mut manifest, frame_size, false, &mut |_| {})
+            .map_err(crate::send::Failure::into_error)?;
+        Ok((seq, sent))
+    }
+
+    /// The channel, the batch's labels (the outbox's extended by the batch's), the manifest.
+    fn into_parts(self) -> (Channel<'o>, Labels, Manifest<'o>) {
         let manifest = self.entries.into_manifest(EntryMeta { mode: 0o755, ..EntryMeta::default() });
         let mut labels: Labels = self.channel.labels.clone();
         labels.tags.extend(self.tags);
@@ -248,7 +282,7 @@ impl<'o> Batch<'o> {
         if self.host.is_some() {
             labels.host = self.host;
         }
-        send_batch(self.channel, labels, manifest, progress, start)
+        (self.channel, labels, manifest)
     }
 }
 

@@ -313,29 +313,45 @@ impl<'a> Manifest<'a> {
         Ok(())
     }
 
-    /// The data of the `i`th entry if it is a file, once: a reader or bytes handed out here are
-    /// no longer held by the manifest.
-    pub(crate) fn take_file(&mut self, i: usize) -> Option<FileData<'a>> {
+    /// The data of the `i`th entry if it is a file. A reader is handed out once; bytes are kept
+    /// (copied out) when `keep` is set, for a transport that may send the batch again.
+    pub(crate) fn take_file(&mut self, i: usize, keep: bool) -> Result<Option<FileData<'a>>, WriteError> {
         let r = &self.store.records[i];
         if r.kind != EntryKind::File {
-            return None;
+            return Ok(None);
         }
         let (size, mtime_ns) = (r.size, r.mtime_ns);
         let (source, origin) = match r.data {
             DataRef::File { .. } => {
-                let p = self.store.fs_path(r)?;
+                let Some(p) = self.store.fs_path(r) else { return Ok(None) };
                 (Source::File(p.clone()), p)
             }
             DataRef::Reader(k) => {
                 let origin = as_path(self.store.path(r)).to_path_buf();
-                (Source::Reader(self.store.readers[k as usize].take()?), origin)
+                match self.store.readers[k as usize].take() {
+                    Some(reader) => (Source::Reader(reader), origin),
+                    // Sent once already (a resend after a dropped connection): a reader cannot be
+                    // read twice, and skipping it would send a batch its COMMIT contradicts.
+                    None => return Err(WriteError::NotResendable { path: origin }),
+                }
             }
             DataRef::Bytes(k) => {
                 let origin = as_path(self.store.path(r)).to_path_buf();
-                (Source::Bytes(std::mem::take(&mut self.store.buffers[k as usize])), origin)
+                let buf = &mut self.store.buffers[k as usize];
+                (Source::Bytes(if keep { buf.clone() } else { std::mem::take(buf) }), origin)
             }
-            DataRef::None => return None,
+            DataRef::None => return Ok(None),
         };
-        Some(FileData { source, size, mtime_ns, origin })
+        Ok(Some(FileData { source, size, mtime_ns, origin }))
+    }
+
+    /// The first reader already sent, if any: a batch holding one cannot be sent again.
+    pub(crate) fn spent_reader(&self) -> Option<PathBuf> {
+        self.store.records.iter().find_map(|r| match r.data {
+            DataRef::Reader(k) if self.store.readers[k as usize].is_none() => {
+                Some(as_path(self.store.path(r)).to_path_buf())
+            }
+            _ => None,
+        })
     }
 }

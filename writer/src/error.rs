@@ -81,6 +81,67 @@ pub enum WriteError {
     /// Any other ring failure (a corrupt segment, a frame the codec refused).
     #[error(transparent)]
     Ring(RingError),
+    /// The HTTP connection to the uploader failed while the batch was sent (internal to one
+    /// attempt: a push resends the batch, and reports [`WriteError::Unreachable`] once it gives up).
+    #[error("the connection to the uploader failed: {what}; send the batch again")]
+    Connection {
+        /// What the OS or the HTTP client reported.
+        what: String,
+    },
+    /// No attempt to push the batch over HTTP got an answer before the deadline: the uploader
+    /// is not running, not listening at this URL, unreachable, or kept answering busy.
+    #[error(
+        "could not deliver the batch to {url} within {waited:?} (last: {last}): check that the uploader \
+         runs with `shmback run --listen` and that the URL (SHMBACK_TO) is right, then send again"
+    )]
+    Unreachable {
+        /// Where the batch was pushed.
+        url: String,
+        /// The time spent retrying.
+        waited: std::time::Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// The uploader answered 401: no token, or not its token.
+    #[error("the uploader refused the token: set SHMBACK_TOKEN/SHMBACK_TOKEN_FILE to the uploader's token")]
+    Unauthorized,
+    /// The uploader refused the batch over HTTP (400, 409, 413, 415 or another final status): no
+    /// snapshot was made, and sending the same batch again would be refused again.
+    #[error("the uploader refused batch {seq} ({status} {code}): {reason}; {fix}")]
+    Refused {
+        /// The batch's sequence.
+        seq: u64,
+        /// The HTTP status.
+        status: u16,
+        /// The `code` of the answer (`malformed`, `too-large`, `protocol`, …).
+        code: String,
+        /// The uploader's reason.
+        reason: String,
+        /// What to do about it.
+        fix: &'static str,
+    },
+    /// A batch holding a reader (a stream such as standard input) was interrupted after the
+    /// reader was consumed: it cannot be read a second time for the resend.
+    #[error(
+        "the connection to the uploader dropped after {path:?} (a stream) was read, and a stream \
+         cannot be read twice: run the producer again to send a new batch"
+    )]
+    NotResendable {
+        /// The snapshot path of the stream.
+        path: PathBuf,
+    },
+    /// The HTTP transport's settings are not usable (URL, producer name, token).
+    #[error("{what}")]
+    Config {
+        /// What is wrong and how to fix it.
+        what: String,
+    },
+    /// The outbox has no transport of its own ([`crate::Outbox::detached`]): its batches are
+    /// written with [`crate::Batch::write_to`].
+    #[error(
+        "this outbox is detached: write its batches with Batch::write_to, or open it with Outbox::open/Outbox::http"
+    )]
+    Detached,
 }
 
 impl WriteError {

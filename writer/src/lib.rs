@@ -1,7 +1,8 @@
 //! # shmback-writer
 //!
 //! What a producer app links to hand its files to the shmback uploader: an [`Outbox`] attached to
-//! a /dev/shm segment, a [`Batch`] per snapshot, a [`Ticket`] that resolves when the uploader has
+//! a /dev/shm segment (or pushing over HTTP to another service, [`Outbox::http`]), a [`Batch`]
+//! per snapshot, a [`Ticket`] that resolves when the uploader has
 //! stored the snapshot. Small on purpose: the protocol crate and std, no async runtime, no crypto.
 //!
 //! - Files are opened one at a time, when their data is due, and `read()` straight into reserved
@@ -21,6 +22,7 @@ mod batch;
 mod entries;
 mod entry_list;
 mod error;
+mod http;
 mod outbox;
 mod progress;
 mod send;
@@ -29,6 +31,7 @@ mod ticket;
 pub use batch::Batch;
 pub use entries::EntryMeta;
 pub use error::WriteError;
+pub use http::{HttpOptions, Outcome, default_producer, token_from_env};
 pub use outbox::{Outbox, OutboxOptions};
 pub use progress::Progress;
 pub use shmback_proto::{Labels, SegmentOptions};

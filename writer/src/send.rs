@@ -1,13 +1,15 @@
-//! The send pipeline of a committed batch: metadata re-read, BEGIN, the manifest, each file's
-//! data straight from its source into reserved ring space, COMMIT; ABORT when a source changes.
+//! The send pipeline of a committed batch — BEGIN, the manifest, each file's data read from its
+//! source, END_OF_FILE for streams, COMMIT; ABORT when a source changes — written into a
+//! [`Sink`]: the ring ([`RingSink`]) or a byte stream such as an HTTP body ([`StreamSink`]).
 
 use std::fs::File;
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shmback_proto::frame::abort_code;
+use shmback_proto::stream;
 use shmback_proto::{Begin, Frame, FrameKind, Labels, Producer, Segment};
 
 use crate::entries::{Source, mtime_ns};
@@ -16,89 +18,33 @@ use crate::error::WriteError;
 use crate::progress::Progress;
 use crate::ticket::Ticket;
 
-/// The outbox's producing end and settings, borrowed by a batch for its whole life.
-pub(crate) struct Channel<'o> {
-    pub(crate) producer: &'o mut Producer<Segment>,
-    /// The segment's path, to name it when no uploader attaches.
-    pub(crate) segment: &'o Path,
-    /// The outbox's labels, which the batch's own tags and values extend.
-    pub(crate) labels: &'o Labels,
-    pub(crate) timeout: Duration,
-    pub(crate) frame_size: usize,
+/// Where the frames of a batch go.
+pub(crate) trait Sink {
+    /// Sends one frame.
+    fn frame(&mut self, frame: &Frame<'_>) -> Result<(), WriteError>;
+    /// Reads at most `want` bytes from `r` into one DATA frame and sends it; `Ok(0)` at the end
+    /// of `r` (nothing sent).
+    fn data(&mut self, r: &mut dyn Read, want: usize) -> Result<usize, DataError>;
+    /// Called once BEGIN is sent.
+    fn begun(&mut self, _seq: u64) {}
+    /// Publishes what was sent.
+    fn flush(&mut self) -> Result<(), WriteError>;
 }
 
-/// Sends `manifest` as one batch labelled `labels`. `start` is when the
-/// commit began, for the ticket's elapsed time.
-pub(crate) fn send_batch<'o>(
-    channel: Channel<'o>,
-    labels: Labels,
-    mut manifest: Manifest<'o>,
-    mut progress: impl FnMut(&Progress),
-    start: Instant,
-) -> Result<Ticket<'o>, WriteError> {
-    manifest.refresh_metadata()?;
-
-    let Channel { producer, segment, timeout, frame_size, .. } = channel;
-    let ring = |e| WriteError::from_ring(e, timeout);
-
-    // An uploader that has not attached yet (both starting together) is waited for; one that
-    // leaves mid-batch is `UploaderGone` at once.
-    if !producer.consumer_alive() {
-        let segment = segment.display().to_string();
-        producer.wait_for_consumer(timeout).map_err(|_| WriteError::NoUploader { segment, waited: timeout })?;
-    }
-    let seq = producer.next_batch_seq();
-    let epoch = producer.consumer_epoch();
-    let totals = Progress {
-        entries: manifest.len() as u64,
-        files_total: manifest.file_count(),
-        bytes_total: manifest.file_bytes(),
-        ..Progress::default()
-    };
-    producer.send(&Frame::Begin(Begin { seq, labels }), timeout).map_err(ring)?;
-    producer.record_begun(seq);
-    for i in 0..manifest.len() {
-        producer.send(&Frame::Entry(manifest.entry(i)), timeout).map_err(ring)?;
-    }
-    producer.send(&Frame::EndOfManifest { entries: totals.entries }, timeout).map_err(ring)?;
-    progress(&totals);
-
-    let mut data = DataSender {
-        producer,
-        frame_size,
-        timeout,
-        progress: totals,
-        report: &mut progress,
-        last_report: Instant::now(),
-    };
-    for i in 0..manifest.len() {
-        let Some(file) = manifest.take_file(i) else { continue };
-        match data.send_file(file) {
-            Ok(()) => {}
-            Err(Failure::Source(e)) => {
-                // Tell the uploader to drop the batch; if even that fails, the uploader tears
-                // it when the next batch begins.
-                let reason = e.to_string();
-                let _ = data.producer.send(&Frame::Abort { code: abort_code::SOURCE_CHANGED, reason }, timeout);
-                data.producer.flush();
-                return Err(e);
-            }
-            Err(Failure::Ring(e)) => return Err(ring(e)),
-        }
-        data.progress.files_done += 1;
-    }
-    let DataSender { producer, progress: sent, .. } = data;
-    producer.send(&Frame::Commit { entries: sent.entries, bytes: sent.bytes_done }, timeout).map_err(ring)?;
-    producer.flush();
-    progress(&sent);
-    Ok(Ticket { producer, seq, epoch, progress: sent, elapsed: start.elapsed() })
+/// Why [`Sink::data`] failed.
+pub(crate) enum DataError {
+    /// Reading the source failed.
+    Read(std::io::Error),
+    /// The sink failed.
+    Sink(WriteError),
 }
 
-enum Failure {
-    /// The source misbehaved: abort the batch.
+/// Why the pipeline stopped.
+pub(crate) enum Failure {
+    /// The source misbehaved: the batch was aborted (an ABORT frame went out if the sink took it).
     Source(WriteError),
-    /// The ring failed: the uploader is gone or stuck.
-    Ring(shmback_proto::RingError),
+    /// The sink failed: the uploader is gone, stuck, or the connection dropped.
+    Sink(WriteError),
 }
 
 impl Failure {
@@ -110,21 +56,201 @@ impl Failure {
     fn io(origin: &Path, source: std::io::Error) -> Self {
         Failure::Source(WriteError::Io { path: origin.into(), source })
     }
-}
 
-impl From<shmback_proto::RingError> for Failure {
-    fn from(e: shmback_proto::RingError) -> Self {
-        Failure::Ring(e)
+    pub(crate) fn into_error(self) -> WriteError {
+        match self {
+            Failure::Source(e) | Failure::Sink(e) => e,
+        }
     }
 }
 
-/// The data phase of a batch, from the end of its manifest to COMMIT: each file's bytes read
-/// straight into reserved ring space as DATA frames, counted in `progress` as they go.
-struct DataSender<'p, 'r> {
+/// Sends `manifest` as batch `seq` into `sink`: the one send pipeline of every transport.
+/// `keep` keeps in-memory data in the manifest for a resend. Returns what was sent.
+pub(crate) fn pipeline(
+    sink: &mut dyn Sink,
+    seq: u64,
+    labels: &Labels,
+    manifest: &mut Manifest<'_>,
+    frame_size: usize,
+    keep: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Progress, Failure> {
+    let totals = Progress {
+        entries: manifest.len() as u64,
+        files_total: manifest.file_count(),
+        bytes_total: manifest.file_bytes(),
+        ..Progress::default()
+    };
+    sink.frame(&Frame::Begin(Begin { seq, labels: labels.clone() })).map_err(Failure::Sink)?;
+    sink.begun(seq);
+    for i in 0..manifest.len() {
+        sink.frame(&Frame::Entry(manifest.entry(i))).map_err(Failure::Sink)?;
+    }
+    sink.frame(&Frame::EndOfManifest { entries: totals.entries }).map_err(Failure::Sink)?;
+    progress(&totals);
+
+    let mut data = DataSender { sink, frame_size, progress: totals, report: progress, last_report: Instant::now() };
+    for i in 0..manifest.len() {
+        let file = match manifest.take_file(i, keep) {
+            Ok(Some(file)) => file,
+            Ok(None) => continue,
+            // Nothing of this file went out yet: the batch ends torn, not aborted.
+            Err(e) => return Err(Failure::Sink(e)),
+        };
+        match data.send_file(file) {
+            Ok(()) => {}
+            Err(Failure::Source(e)) => {
+                // Tell the uploader to drop the batch; if even that fails, the uploader tears
+                // it (at the next BEGIN in a ring, at the end of the body over HTTP).
+                let reason = e.to_string();
+                let _ = data.sink.frame(&Frame::Abort { code: abort_code::SOURCE_CHANGED, reason });
+                let _ = data.sink.flush();
+                return Err(Failure::Source(e));
+            }
+            Err(sink) => return Err(sink),
+        }
+        data.progress.files_done += 1;
+    }
+    let DataSender { sink, progress: sent, report, .. } = data;
+    sink.frame(&Frame::Commit { entries: sent.entries, bytes: sent.bytes_done }).map_err(Failure::Sink)?;
+    sink.flush().map_err(Failure::Sink)?;
+    report(&sent);
+    Ok(sent)
+}
+
+/// The outbox's ring and settings, borrowed by a batch for its whole life.
+pub(crate) struct RingChannel<'o> {
+    pub(crate) producer: &'o mut Producer<Segment>,
+    /// The segment's path, to name it when no uploader attaches.
+    pub(crate) segment: &'o Path,
+}
+
+/// Sends `manifest` through the ring as one batch labelled `labels`. `start` is when the commit
+/// began, for the ticket's elapsed time.
+pub(crate) fn send_ring<'o>(
+    channel: RingChannel<'o>,
+    timeout: Duration,
+    frame_size: usize,
+    labels: Labels,
+    mut manifest: Manifest<'o>,
+    mut progress: impl FnMut(&Progress),
+    start: Instant,
+) -> Result<Ticket<'o>, WriteError> {
+    manifest.refresh_metadata()?;
+    let RingChannel { producer, segment } = channel;
+    // An uploader that has not attached yet (both starting together) is waited for; one that
+    // leaves mid-batch is `UploaderGone` at once.
+    if !producer.consumer_alive() {
+        let segment = segment.display().to_string();
+        producer.wait_for_consumer(timeout).map_err(|_| WriteError::NoUploader { segment, waited: timeout })?;
+    }
+    let seq = producer.next_batch_seq();
+    let epoch = producer.consumer_epoch();
+    let mut sink = RingSink { producer, timeout };
+    let sent = pipeline(&mut sink, seq, &labels, &mut manifest, frame_size, false, &mut progress)
+        .map_err(Failure::into_error)?;
+    Ok(Ticket::ring(sink.producer, seq, epoch, sent, start.elapsed()))
+}
+
+/// The ring as a sink: DATA is read straight into reserved ring space (one copy).
+struct RingSink<'p> {
     producer: &'p mut Producer<Segment>,
+    timeout: Duration,
+}
+
+impl Sink for RingSink<'_> {
+    fn frame(&mut self, frame: &Frame<'_>) -> Result<(), WriteError> {
+        self.producer.send(frame, self.timeout).map_err(|e| WriteError::from_ring(e, self.timeout))
+    }
+
+    fn data(&mut self, r: &mut dyn Read, want: usize) -> Result<usize, DataError> {
+        let mut res = self
+            .producer
+            .reserve(FrameKind::Data, want, self.timeout)
+            .map_err(|e| DataError::Sink(WriteError::from_ring(e, self.timeout)))?;
+        let n = read_some(r, &mut res).map_err(DataError::Read)?;
+        if n > 0 {
+            res.commit_len(n);
+        }
+        // At n == 0 the reservation is dropped uncommitted: nothing of it is visible.
+        Ok(n)
+    }
+
+    fn begun(&mut self, seq: u64) {
+        self.producer.record_begun(seq);
+    }
+
+    fn flush(&mut self) -> Result<(), WriteError> {
+        self.producer.flush();
+        Ok(())
+    }
+}
+
+/// A byte stream as a sink: frames in stream form (PROTOCOL.md, "Over HTTP"), DATA read into a
+/// buffer of one frame, then written. Write errors are [`WriteError::Connection`].
+pub(crate) struct StreamSink<W: Write> {
+    out: W,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> StreamSink<W> {
+    pub(crate) fn new(out: W, frame_size: usize) -> Self {
+        StreamSink { out, buf: vec![0; frame_size], scratch: Vec::new() }
+    }
+
+    pub(crate) fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+fn connection(e: std::io::Error) -> WriteError {
+    WriteError::Connection { what: e.to_string() }
+}
+
+impl<W: Write> Sink for StreamSink<W> {
+    fn frame(&mut self, frame: &Frame<'_>) -> Result<(), WriteError> {
+        self.scratch.clear();
+        stream::encode_frame(frame, &mut self.scratch).map_err(|e| WriteError::Ring(e.into()))?;
+        self.out.write_all(&self.scratch).map_err(connection)
+    }
+
+    fn data(&mut self, r: &mut dyn Read, want: usize) -> Result<usize, DataError> {
+        let want = want.min(self.buf.len());
+        let n = read_some(r, &mut self.buf[..want]).map_err(DataError::Read)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let write = |out: &mut W, buf: &[u8]| -> std::io::Result<()> {
+            out.write_all(&stream::header_bytes(FrameKind::Data, n as u32))?;
+            out.write_all(buf)?;
+            out.write_all(stream::padding_bytes(n))
+        };
+        write(&mut self.out, &self.buf[..n]).map_err(|e| DataError::Sink(connection(e)))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> Result<(), WriteError> {
+        self.out.flush().map_err(connection)
+    }
+}
+
+/// One `read`, retried when interrupted.
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The data phase of a batch, from the end of its manifest to COMMIT: each file's bytes read from
+/// its source into DATA frames, counted in `progress` as they go.
+struct DataSender<'s, 'r> {
+    sink: &'s mut dyn Sink,
     /// Payload bytes per DATA frame.
     frame_size: usize,
-    timeout: Duration,
     progress: Progress,
     /// The caller's progress callback, called at most every 100 ms from here.
     report: &'r mut dyn FnMut(&Progress),
@@ -161,7 +287,7 @@ impl DataSender<'_, '_> {
         };
         let sent = self.pump(&mut reader, size, origin)?;
         if size.is_none() {
-            self.producer.send(&Frame::EndOfFile { len: sent }, self.timeout)?;
+            self.sink.frame(&Frame::EndOfFile { len: sent }).map_err(Failure::Sink)?;
         }
         Ok(())
     }
@@ -176,23 +302,17 @@ impl DataSender<'_, '_> {
                 Some(s) => ((s - sent) as usize).min(self.frame_size),
                 None => self.frame_size,
             };
-            let mut res = self.producer.reserve(FrameKind::Data, want, self.timeout)?;
-            let n = loop {
-                match r.read(&mut res) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Failure::io(origin, e)),
-                }
+            let n = match self.sink.data(r, want) {
+                Ok(n) => n,
+                Err(DataError::Read(e)) => return Err(Failure::io(origin, e)),
+                Err(DataError::Sink(e)) => return Err(Failure::Sink(e)),
             };
             if n == 0 {
-                // Uncommitted: the reservation is dropped, nothing of it is visible.
-                let _ = res;
                 return match size {
                     Some(s) => Err(Failure::changed(origin, format!("ended after {sent} of {s} bytes"))),
                     None => Ok(sent),
                 };
             }
-            res.commit_len(n);
             sent += n as u64;
             self.progress.bytes_done += n as u64;
             if size.is_none() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use shmback_proto::{Producer, Segment};
 
 use crate::error::WriteError;
+use crate::http::Pending;
 use crate::progress::Progress;
 
 /// The id of a stored snapshot, as restic prints it (64 hex digits) when displayed.
@@ -69,12 +70,36 @@ impl std::fmt::Debug for SnapshotId {
 /// # Ok::<(), shmback_writer::WriteError>(())
 /// ```
 pub struct Ticket<'o> {
-    pub(crate) producer: &'o mut Producer<Segment>,
-    pub(crate) seq: u64,
-    /// The uploader's incarnation the batch was sent to: an ack from a later one is not for it.
-    pub(crate) epoch: u64,
-    pub(crate) progress: Progress,
-    pub(crate) elapsed: Duration,
+    inner: Inner<'o>,
+    seq: u64,
+    progress: Progress,
+    elapsed: Duration,
+}
+
+enum Inner<'o> {
+    Ring {
+        producer: &'o mut Producer<Segment>,
+        /// The uploader's incarnation the batch was sent to: an ack from a later one is not for it.
+        epoch: u64,
+    },
+    /// Boxed: a pending push holds the whole manifest, a ring ticket two words.
+    Http(Box<Pending<'o>>),
+}
+
+impl<'o> Ticket<'o> {
+    pub(crate) fn ring(
+        producer: &'o mut Producer<Segment>,
+        seq: u64,
+        epoch: u64,
+        progress: Progress,
+        elapsed: Duration,
+    ) -> Self {
+        Ticket { inner: Inner::Ring { producer, epoch }, seq, progress, elapsed }
+    }
+
+    pub(crate) fn http(pending: Pending<'o>, seq: u64, progress: Progress, elapsed: Duration) -> Self {
+        Ticket { inner: Inner::Http(Box::new(pending)), seq, progress, elapsed }
+    }
 }
 
 impl Ticket<'_> {
@@ -93,13 +118,17 @@ impl Ticket<'_> {
         self.elapsed
     }
 
-    /// Waits until the uploader has stored the batch's snapshot and returns its id. `Rejected`:
-    /// no snapshot was made. `UploaderGone`: the uploader died or restarted before storing it;
-    /// send the batch again.
+    /// Waits until the uploader has stored the batch's snapshot and returns its id. `Rejected`
+    /// (ring) or `Refused` (HTTP): no snapshot was made. `UploaderGone`: the uploader died or
+    /// restarted before storing it; send the batch again. Over HTTP a dropped connection, 408,
+    /// 429 or 503 sends the batch again (its files read again) within `timeout`.
     pub fn wait_durable(self, timeout: Duration) -> Result<SnapshotId, WriteError> {
-        self.producer
-            .wait_durable(self.seq, self.epoch, timeout)
-            .map(SnapshotId)
-            .map_err(|e| WriteError::from_ring(e, timeout))
+        match self.inner {
+            Inner::Ring { producer, epoch } => producer
+                .wait_durable(self.seq, epoch, timeout)
+                .map(SnapshotId)
+                .map_err(|e| WriteError::from_ring(e, timeout)),
+            Inner::Http(pending) => pending.wait(timeout),
+        }
     }
 }
