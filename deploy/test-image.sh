@@ -61,7 +61,7 @@ mmdebstrap --quiet --mode=root --variant=essential --include="$packages" \
   "deb http://deb.debian.org/debian $suite main" \
   "deb http://deb.debian.org/debian-security $suite-security main"
 podman import --quiet \
-  --change 'USER=10001:10001' --change 'ENV=HOME=/var/lib/shmback' --change 'ENV=TZ=UTC' --change 'WORKDIR=/var/lib/shmback' \
+  --change 'USER=10001:10001' --change 'ENV=HOME=/var/lib/shmback' --change 'WORKDIR=/var/lib/shmback' \
   --change 'ENTRYPOINT=["/usr/local/bin/shmback"]' --change 'CMD=["run"]' \
   "$work/rootfs.tar" "$image" >/dev/null
 rm "$work/rootfs.tar"
