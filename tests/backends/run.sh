@@ -177,6 +177,10 @@ kill -TERM $meta; wait $meta || true
 cat "$work/gce-metadata.log"
 grep -Eq "gce_metadata: [1-9][0-9]* tokens served" "$work/gce-metadata.log"
 echo "gcs: with no key variable, the metadata server's token lists the 2 snapshots"
+# Unsigned requests, for emulators only when asked.
+GOOGLE_ACCESS_TOKEN='' SHMBACK_GCS_ANONYMOUS=true "$bin/shmback" snapshots --json \
+  | python3 -c 'import json,sys; s=json.load(sys.stdin); assert len(s) == 2, s'
+echo "gcs: SHMBACK_GCS_ANONYMOUS=true lists the 2 snapshots on the emulator"
 # No credential source at all: exit status 14 and every source named.
 if GOOGLE_ACCESS_TOKEN='' HOME="$work/empty-home" XDG_CONFIG_HOME="$work/empty-home" \
   GCE_METADATA_HOST="127.0.0.1:$(free_port)" "$bin/shmback" snapshots 2> "$work/gcs-nocred.log"; then
