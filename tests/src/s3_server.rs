@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,9 @@ pub struct Faults {
     get_fail: AtomicU32,
     injected: AtomicU32,
     parts: AtomicU32,
+    refuse_checksums: AtomicBool,
+    checksum_refused: AtomicU32,
+    checksum_seen: AtomicU32,
 }
 
 impl Faults {
@@ -31,6 +34,42 @@ impl Faults {
     /// The next `n` GETs answer 500 InternalError.
     pub fn fail_gets(&self, n: u32) {
         self.get_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on (`true`), refuse every request that carries an `x-amz-checksum-*` header or
+    /// `x-amz-trailer` as Backblaze B2's S3 endpoint once did: 400 InvalidArgument "Unsupported
+    /// header 'x-amz-checksum-crc32'".
+    pub fn refuse_checksums(&self, on: bool) {
+        self.refuse_checksums.store(on, Ordering::SeqCst);
+    }
+
+    /// Requests refused for their checksum headers so far.
+    pub fn checksum_refused(&self) -> u32 {
+        self.checksum_refused.load(Ordering::SeqCst)
+    }
+
+    /// Write requests that carried a checksum header (`x-amz-checksum-*` or `x-amz-trailer`) so
+    /// far, refused or not.
+    pub fn checksum_seen(&self) -> u32 {
+        self.checksum_seen.load(Ordering::SeqCst)
+    }
+
+    /// The checksum fault for a write request with `headers`.
+    fn checksum_check<T>(&self, req: &S3Request<T>) -> S3Result<()> {
+        let headers = &req.headers;
+        let named = headers.keys().find(|k| k.as_str().starts_with("x-amz-checksum-") || k.as_str() == "x-amz-trailer");
+        let Some(name) = named else { return Ok(()) };
+        self.checksum_seen.fetch_add(1, Ordering::SeqCst);
+        if !self.refuse_checksums.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.checksum_refused.fetch_add(1, Ordering::SeqCst);
+        // B2 named the checksum header even when it came as a trailer.
+        let header = match headers.get("x-amz-trailer").and_then(|v| v.to_str().ok()) {
+            Some(trailer) => trailer.to_string(),
+            None => name.as_str().to_string(),
+        };
+        Err(s3_error!(InvalidArgument, "Unsupported header '{header}' received for this API call."))
     }
 
     /// Failures injected so far.
@@ -68,6 +107,7 @@ impl S3 for Faulty {
         if self.faults.take(&self.faults.put_fail, &req.input.key, &needle) {
             return Err(s3_error!(SlowDown, "injected: slow down"));
         }
+        self.faults.checksum_check(&req)?;
         self.fs.put_object(req).await
     }
     async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
@@ -95,9 +135,11 @@ impl S3 for Faulty {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        self.faults.checksum_check(&req)?;
         self.fs.create_multipart_upload(req).await
     }
     async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+        self.faults.checksum_check(&req)?;
         self.faults.parts.fetch_add(1, Ordering::SeqCst);
         self.fs.upload_part(req).await
     }
@@ -105,6 +147,7 @@ impl S3 for Faulty {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        self.faults.checksum_check(&req)?;
         self.fs.complete_multipart_upload(req).await
     }
     async fn abort_multipart_upload(

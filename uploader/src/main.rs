@@ -16,7 +16,7 @@ use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
 use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
-use shmback_uploader::backends::s3::{Provider, S3Options};
+use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
 use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
@@ -67,6 +67,11 @@ struct Cli {
     /// S3: objects of at least this many MiB are uploaded with multipart (16 MiB parts).
     #[arg(long, global = true, env = "SHMBACK_S3_MULTIPART_MIB", default_value_t = 64)]
     s3_multipart_mib: usize,
+    /// S3: CRC32 checksum headers on uploads: auto (on every upload for AWS, only where required
+    /// for other providers), always (a server that refuses them switches to when-required, logged
+    /// once), when-required.
+    #[arg(long, global = true, env = "SHMBACK_S3_CHECKSUMS", value_enum, default_value_t = Checksums::Auto)]
+    s3_checksums: Checksums,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -233,6 +238,7 @@ fn s3_options(cli: &Cli) -> S3Options {
         max_attempts: cli.s3_attempts.max(1),
         multipart_threshold: cli.s3_multipart_mib.max(1) << 20,
         create_bucket: matches!(cli.cmd, Cmd::Init { create_bucket: true }),
+        checksums: cli.s3_checksums,
         ..S3Options::default()
     }
 }

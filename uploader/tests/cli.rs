@@ -131,9 +131,13 @@ fn repository_locations_are_checked_before_anything_connects() {
     let o = shmback(Path::new("s3:host"), &["snapshots"], &pw);
     assert!(!o.status.success());
     assert!(text(&o).contains("no bucket") && text(&o).contains("Forms:"), "{}", text(&o));
-    let o = shmback(Path::new("gs:bucket:/p"), &["snapshots"], &pw);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_ACCESS_TOKEN"), "{}", text(&o));
+    // gs: without a key variable tries the application-default sources (none here: an empty HOME,
+    // a metadata server that does not listen) and names them all.
+    let no_metadata = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let gs_env = [pw[0], ("HOME", dir.path().to_str().unwrap()), ("GCE_METADATA_HOST", no_metadata.as_str())];
+    let o = shmback(Path::new("gs:bucket:/p"), &["snapshots"], &gs_env);
+    assert_eq!(o.status.code(), Some(14), "{}", text(&o));
+    assert!(text(&o).contains("GOOGLE_ACCESS_TOKEN and GOOGLE_APPLICATION_CREDENTIALS are unset"), "{}", text(&o));
     let o = shmback(Path::new("sftp:me@host:repo"), &["snapshots"], &pw);
     assert!(!o.status.success());
     assert!(text(&o).contains("sftp:me@host:/home/<user>/repo"), "{}", text(&o));

@@ -3,7 +3,9 @@
 //! `check --read-data` clean; transient 500/503 answers retried (and logged) and the backup
 //! completes; a pack upload that keeps failing leaves no snapshot; wrong credentials, a missing
 //! bucket, TLS to a plain-HTTP server and an unreachable endpoint each get their message and exit
-//! status.
+//! status; a server that refuses checksum headers (as B2 did) gets none from the generic provider,
+//! and one that refuses them after `--s3-checksums always` makes the uploader fall back (logged
+//! once) and the backup still lands.
 
 mod common;
 
@@ -70,7 +72,14 @@ fn tree(root: &Path) {
 /// `shmback run` on a fresh segment, its stderr in `log`; objects of 1 MiB or more go up in
 /// multipart uploads (so packs exercise it).
 fn uploader(repo: &str, seg: &Path, log: &Path) -> Child {
-    let child = shmback(repo, &["run", "--segment", seg.to_str().unwrap(), "--s3-multipart-mib", "1"], SK)
+    uploader_with(repo, seg, log, &[])
+}
+
+/// [`uploader`] with more arguments.
+fn uploader_with(repo: &str, seg: &Path, log: &Path, more: &[&str]) -> Child {
+    let mut args = vec!["run", "--segment", seg.to_str().unwrap(), "--s3-multipart-mib", "1"];
+    args.extend_from_slice(more);
+    let child = shmback(repo, &args, SK)
         .env("RUST_LOG", "info,shmback_uploader::backends::s3=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -200,4 +209,75 @@ fn credentials_bucket_and_endpoint_errors_are_distinct() {
     let o = out(&mut shmback(&format!("s3:http://{free}/bucket"), &["snapshots", "--s3-attempts", "3"], SK));
     assert_eq!(o.status.code(), Some(12), "{}", text(&o));
     assert!(text(&o).contains("cannot reach"), "{}", text(&o));
+}
+
+/// The warning a fallback from checksum headers logs.
+const FALLBACK: &str = "refused checksum headers";
+
+/// Backs `src` up through a ring to `repo` (two batches) with the extra uploader arguments, then
+/// checks the repository and restores it byte-exact; returns the uploader's log.
+fn backup_and_restore(repo: &str, src: &Path, more: &[&str]) -> String {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let seg = shm.path().join("seg");
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("run.log");
+    let up = uploader_with(repo, &seg, &log, more);
+    send(&seg, src).expect("the first batch is stored");
+    send(&seg, src).expect("the second batch is stored");
+    stop(up);
+    let log = std::fs::read_to_string(&log).unwrap();
+    let o = out(&mut shmback(repo, &["snapshots"], SK));
+    assert!(text(&o).contains("2 snapshots"), "{}", text(&o));
+    let o = out(&mut shmback(repo, &["check", "--read-data"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    let dest = tempfile::tempdir().unwrap();
+    let o = out(&mut shmback(repo, &["restore", "latest", dest.path().to_str().unwrap()], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    let (files, _) = shmback_uploader::demo::compare_trees(src, &dest.path().join("data")).unwrap();
+    assert_eq!(files, 32);
+    log
+}
+
+#[test]
+fn the_generic_provider_sends_no_checksum_headers_a_server_may_refuse() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    let server = start_server(root.path());
+    // Refuses x-amz-checksum-* and x-amz-trailer from the first request on, as B2 did.
+    server.faults().refuse_checksums(true);
+    let repo = server.location("bucket/generic");
+    let o = out(&mut shmback(&repo, &["init"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path());
+    let log = backup_and_restore(&repo, src.path(), &[]);
+    assert_eq!(server.faults().checksum_refused(), 0, "no request was refused");
+    assert_eq!(server.faults().checksum_seen(), 0, "no upload carried a checksum header");
+    assert!(server.faults().parts() > 0, "multipart uploads were among them:\n{log}");
+    assert!(!log.contains(FALLBACK), "nothing to fall back from:\n{log}");
+}
+
+#[test]
+fn checksums_opted_in_fall_back_once_when_the_server_refuses_them() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    let server = start_server(root.path());
+    let repo = server.location("bucket/always");
+    // The control: a server that takes them gets checksum headers on every upload.
+    let o = out(&mut shmback(&repo, &["init", "--s3-checksums", "always"], SK));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(server.faults().checksum_seen() > 0, "--s3-checksums always sends them");
+    assert!(!text(&o).contains(FALLBACK), "{}", text(&o));
+
+    server.faults().refuse_checksums(true);
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path());
+    let log = backup_and_restore(&repo, src.path(), &["--s3-checksums", "always"]);
+    let refused = server.faults().checksum_refused();
+    assert!(refused >= 1, "the server refused the first upload with checksums");
+    // Several pack uploads run at once, so more than one may be refused before the switch; the
+    // warning is logged once all the same, and every refused upload was retried without them.
+    assert_eq!(log.matches(FALLBACK).count(), 1, "{refused} refused, logged once:\n{log}");
+    assert!(log.contains("WARN") && log.contains("Unsupported header"), "{log}");
+    assert!(server.faults().parts() > 0, "multipart uploads went on without checksums:\n{log}");
 }

@@ -1,6 +1,10 @@
 //! Backblaze B2 (`b2:bucket[:prefix]`) through OpenDAL, with restic's variables (`B2_ACCOUNT_ID`,
 //! `B2_ACCOUNT_KEY`). OpenDAL needs the bucket *id*; restic users name the bucket, so it is looked
 //! up once with `b2_authorize_account` + `b2_list_buckets`.
+//!
+//! No B2 server runs in the tests: this path is covered by its option map and the bucket lookup
+//! only. B2 through its S3-compatible endpoint (`s3:https://s3.<region>.backblazeb2.com/bucket`,
+//! the `generic` S3 provider, which sends no checksum headers B2 once refused) is the tested path.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -17,13 +17,30 @@ pub enum Provider {
     /// Decide from the endpoint: AWS for `*.amazonaws.com`, otherwise generic.
     #[default]
     Auto,
-    /// Amazon S3: virtual-host addressing, checksums.
+    /// Amazon S3: virtual-host addressing, CRC32 checksums on every upload.
     Aws,
-    /// Any other S3 server (MinIO, R2, B2, Ceph, …): path-style addressing, checksums.
+    /// Any other S3 server (MinIO, R2, B2, Ceph, …): path-style addressing, checksum headers only
+    /// where the request requires them (restic's and minio-go's behaviour): several of these
+    /// servers refuse `x-amz-checksum-*` headers or trailers.
     Generic,
     /// Sia renterd's S3 gateway or s3d: path-style, no checksum headers, no suffix ranges or
     /// presigned URLs (this backend uses neither), bucket created explicitly.
     Renterd,
+}
+
+/// Whether uploads carry CRC32 checksum headers (`x-amz-checksum-crc32`, often as an
+/// `x-amz-trailer`). Integrity does not rest on them: rustic hashes every pack, index and snapshot
+/// it reads back (`check --read-data`, restore), so what a server stored wrongly is found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Checksums {
+    /// The provider decides: on every upload for AWS, only where required for the others.
+    #[default]
+    Auto,
+    /// On every upload, for any provider; a server that refuses them switches the process to
+    /// `when-required` (logged once) and the upload is retried.
+    Always,
+    /// Only where a request requires them.
+    WhenRequired,
 }
 
 /// S3 settings beyond the location.
@@ -52,6 +69,8 @@ pub struct S3Options {
     pub max_backoff: Duration,
     /// `create()` (called by `init`) creates a missing bucket instead of failing.
     pub create_bucket: bool,
+    /// Checksum headers on uploads.
+    pub checksums: Checksums,
 }
 
 impl Default for S3Options {
@@ -68,6 +87,7 @@ impl Default for S3Options {
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(20),
             create_bucket: false,
+            checksums: Checksums::Auto,
         }
     }
 }
@@ -86,6 +106,23 @@ impl S3Options {
             p => p,
         }
     }
+
+    /// Whether uploads to `loc` start with checksum headers on every upload (`true`) or only
+    /// where required.
+    pub fn checksums_for(&self, loc: &S3Location) -> bool {
+        match self.checksums {
+            Checksums::Always => true,
+            Checksums::WhenRequired => false,
+            Checksums::Auto => self.provider_for(loc) == Provider::Aws,
+        }
+    }
+}
+
+/// `client` with checksum headers only where a request requires them (the fallback when a server
+/// refuses them).
+pub fn without_checksums(client: &Client) -> Client {
+    let conf = client.config().to_builder().request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
+    Client::from_conf(conf.build())
 }
 
 /// The SDK client for `loc`: credentials and region from the AWS chain (variables, profiles,
@@ -116,10 +153,10 @@ pub fn client(rt: &tokio::runtime::Runtime, loc: &S3Location, opts: &S3Options) 
                 .read_timeout(Duration::from_secs(120))
                 .build(),
         )
-        .request_checksum_calculation(if provider == Provider::Renterd {
-            RequestChecksumCalculation::WhenRequired
-        } else {
+        .request_checksum_calculation(if opts.checksums_for(loc) {
             RequestChecksumCalculation::WhenSupported
+        } else {
+            RequestChecksumCalculation::WhenRequired
         });
     if !(provider == Provider::Aws && loc.host == "s3.amazonaws.com") {
         conf = conf.endpoint_url(loc.endpoint());

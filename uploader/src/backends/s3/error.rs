@@ -59,6 +59,20 @@ pub enum S3Error {
         /// Key.
         key: String,
     },
+    /// The server refused an upload for its checksum headers (`x-amz-checksum-*`, `x-amz-trailer`):
+    /// the backend falls back to sending them only where required, and turns a refusal it cannot
+    /// cure that way into [`S3Error::Other`].
+    #[error("the S3 endpoint {endpoint} refused {op} `{key}` for its checksum headers ({cause})")]
+    ChecksumRefused {
+        /// Endpoint.
+        endpoint: String,
+        /// Operation.
+        op: &'static str,
+        /// Key.
+        key: String,
+        /// Status, code, message.
+        cause: String,
+    },
     /// Anything else.
     #[error("S3 {op} `{key}` failed: {cause}")]
     Other {
@@ -79,7 +93,7 @@ impl S3Error {
             S3Error::NoSuchBucket { .. } => Some(FailureKind::Missing),
             S3Error::Unreachable { .. } => Some(FailureKind::Unreachable),
             S3Error::Tls { .. } => Some(FailureKind::Tls),
-            S3Error::NotFound { .. } | S3Error::Other { .. } => None,
+            S3Error::NotFound { .. } | S3Error::ChecksumRefused { .. } | S3Error::Other { .. } => None,
         }
     }
 
@@ -120,6 +134,9 @@ where
             let msg = e.message().unwrap_or_default();
             let cause = format!("HTTP {status} {code} {msg}").trim().to_string();
             match (status, code.as_str()) {
+                _ if refuses_checksums(op, status, &code, msg) => {
+                    (S3Error::ChecksumRefused { endpoint, op, key: key.to_string(), cause }, false)
+                }
                 (404, "NoSuchBucket") => (S3Error::NoSuchBucket { endpoint, bucket: target.bucket.to_string() }, false),
                 (404, _) => (S3Error::NotFound { key: key.to_string() }, false),
                 (401 | 403, _) => {
@@ -148,6 +165,23 @@ where
     Failure { error, retry }
 }
 
+/// Whether an answer to write request `op` refuses it for its checksum headers. What servers say:
+/// B2 `400 InvalidArgument "Unsupported header 'x-amz-checksum-crc32'"`, MinIO and gateways without
+/// trailer support `501 NotImplemented` ("a header you provided implies functionality that is not
+/// implemented"), R2 `400 InvalidRequest` naming the checksum next to Content-MD5.
+pub fn refuses_checksums(op: &str, status: u16, code: &str, message: &str) -> bool {
+    let write = matches!(op, "put" | "upload part" | "create multipart upload" | "complete multipart upload");
+    let lower = message.to_lowercase();
+    let names_checksums = ["x-amz-checksum", "x-amz-trailer", "trailer", "checksum"].iter().any(|s| lower.contains(s))
+        || lower.contains("unsupported header");
+    write
+        && match (status, code) {
+            (501, _) | (_, "NotImplemented") => true,
+            (400, "InvalidArgument" | "InvalidRequest" | "BadRequest" | "") => names_checksums,
+            _ => false,
+        }
+}
+
 /// Wraps an S3 error for rustic_core, as a [`BackendError`] when it has a kind (the binary finds
 /// it in the error chain for its message and exit status).
 pub fn rustic_err(e: S3Error) -> Box<RusticError> {
@@ -159,5 +193,26 @@ pub fn rustic_err(e: S3Error) -> Box<RusticError> {
     match e.kind() {
         Some(k) => RusticError::with_source(kind, "S3 backend", BackendError::new(k, e)),
         None => RusticError::with_source(kind, "S3 backend", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_refusals_are_recognised_and_nothing_else() {
+        let b2 = "Unsupported header 'x-amz-checksum-crc32' received for this API call.";
+        assert!(refuses_checksums("put", 400, "InvalidArgument", b2));
+        assert!(refuses_checksums("upload part", 400, "InvalidArgument", "Unsupported header 'x-amz-trailer'"));
+        let minio = "A header you provided implies functionality that is not implemented";
+        assert!(refuses_checksums("put", 501, "NotImplemented", minio));
+        let r2 = "You can only specify one non-default checksum at a time (Content-MD5 and CRC32).";
+        assert!(refuses_checksums("put", 400, "InvalidRequest", r2));
+        // Not about checksums, or not a write.
+        assert!(!refuses_checksums("put", 400, "InvalidArgument", "Invalid storage class"));
+        assert!(!refuses_checksums("put", 400, "EntityTooLarge", "checksum"));
+        assert!(!refuses_checksums("get", 501, "NotImplemented", minio));
+        assert!(!refuses_checksums("put", 403, "AccessDenied", b2));
     }
 }

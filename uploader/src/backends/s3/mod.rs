@@ -13,6 +13,6 @@ pub mod error;
 pub mod ops;
 pub mod retry;
 
-pub use config::{Provider, S3Options};
+pub use config::{Checksums, Provider, S3Options};
 pub use error::S3Error;
 pub use ops::S3Backend;

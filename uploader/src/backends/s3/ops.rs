@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::Client;
@@ -21,7 +22,7 @@ use rustic_core::{BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, 
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::config::{S3Options, client};
+use super::config::{S3Options, client, without_checksums};
 use super::error::{Failure, S3Error, Target, classify, rustic_err};
 use super::retry::Backoff;
 use crate::backends::location::S3Location;
@@ -53,10 +54,13 @@ impl S3Backend {
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("s3").enable_all().build()?;
         let client = client(&rt, loc, &opts);
+        let fallback = opts.checksums_for(loc).then(|| without_checksums(&client));
         let prefix = if loc.prefix.is_empty() { String::new() } else { format!("{}/", loc.prefix) };
         let storage_class = opts.storage_class.as_deref().map(aws_sdk_s3::types::StorageClass::from);
         let ctx = Ctx {
             client,
+            fallback,
+            checksums_off: AtomicBool::new(false),
             bucket: loc.bucket.clone(),
             endpoint: loc.endpoint(),
             backoff: opts.backoff(),
@@ -108,6 +112,10 @@ impl S3Backend {
 /// What a request needs (the client, the bucket and the options).
 struct Ctx {
     client: Client,
+    /// `client` without checksum headers, when `client` sends them on every upload: used once a
+    /// server refused them (`checksums_off`).
+    fallback: Option<Client>,
+    checksums_off: AtomicBool,
     bucket: String,
     endpoint: String,
     opts: S3Options,
@@ -129,7 +137,31 @@ impl Ctx {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let target = Target { endpoint: &self.endpoint, bucket: &self.bucket };
-        request(&self.client).await.map_err(|e| classify(&target, op, key, e))
+        request(self.client()).await.map_err(|e| classify(&target, op, key, e))
+    }
+
+    /// The client requests go out with: without checksum headers once a server refused them.
+    fn client(&self) -> &Client {
+        match &self.fallback {
+            Some(f) if self.checksums_off.load(Ordering::Relaxed) => f,
+            _ => &self.client,
+        }
+    }
+
+    /// After `refused`: switches the process to checksums only where required (logged once);
+    /// `false` when it already sends none, so there is nothing to fall back to.
+    fn fall_back(&self, refused: &S3Error, was_off: bool) -> bool {
+        if self.fallback.is_none() || was_off {
+            return false;
+        }
+        if !self.checksums_off.swap(true, Ordering::SeqCst) {
+            warn!(
+                "the S3 endpoint {} refused checksum headers ({refused}); uploads go on without them, \
+                 integrity stays checked by the repository's hashes",
+                self.endpoint
+            );
+        }
+        true
     }
 
     /// The shape of every S3 call: attempts of `request` with backoff, each retry logged.
@@ -158,13 +190,27 @@ impl Ctx {
             .await
     }
 
+    /// Uploads `body` to `key`; refused for its checksum headers, retried once without them.
     async fn put(&self, key: String, body: Bytes) -> Result<(), S3Error> {
+        let was_off = self.checksums_off.load(Ordering::SeqCst);
+        let first = match self.put_once(&key, body.clone()).await {
+            Err(e @ S3Error::ChecksumRefused { .. }) if self.fall_back(&e, was_off) => self.put_once(&key, body).await,
+            other => other,
+        };
+        first.map_err(|e| match e {
+            // Refused without the optional headers too: nothing this process can leave out.
+            S3Error::ChecksumRefused { op, key, cause, .. } => S3Error::Other { op, key, cause },
+            e => e,
+        })
+    }
+
+    async fn put_once(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
         let multipart = body.len() >= self.opts.multipart_threshold;
         debug!(key, bytes = body.len(), multipart, "upload");
         if multipart {
-            return self.put_multipart(&key, body).await;
+            return self.put_multipart(key, body).await;
         }
-        let (b, k) = (&self.bucket, key.as_str());
+        let (b, k) = (&self.bucket, key);
         self.call("put", k, |c| {
             let req = c.put_object().bucket(b).key(k).set_storage_class(self.storage_class.clone());
             req.body(ByteStream::from(body.clone())).send()
@@ -206,7 +252,7 @@ impl Ctx {
         .await;
         if result.is_err() {
             // Leave no orphaned parts behind (best effort; the provider's lifecycle rules catch the rest).
-            let _ = self.client.abort_multipart_upload().bucket(b).key(key).upload_id(id).send().await;
+            let _ = self.client().abort_multipart_upload().bucket(b).key(key).upload_id(id).send().await;
         }
         result
     }
