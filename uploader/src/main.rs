@@ -3,6 +3,7 @@
 //! The command line as one file: clap definitions, their help examples, and the mapping of each
 //! subcommand onto the library (configuration parsed once here, then passed down).
 
+use std::ffi::OsString;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
 use shmback_uploader::backends::s3::{Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
+use shmback_uploader::supervise::{Supervise, supervise};
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
@@ -79,6 +82,18 @@ const TOP_EXAMPLES: &str = "Examples:
   shmback restore latest /tmp/restore
   shmback forget --keep-daily 7 --keep-weekly 4 --prune";
 
+const RUN_EXAMPLES: &str = "Examples:
+  shmback run                                        # /dev/shm/shmback
+  shmback run --segment /dev/shm/db --segment /dev/shm/media
+  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25
+
+  # One container, app and uploader (the entrypoint; the app sends with shmback-send -s /dev/shm/app):
+  shmback run --segment /dev/shm/app -- /usr/local/bin/app --port 8080
+  # On a fresh lease, bring /data back from the latest snapshot before the app starts:
+  shmback run --segment /dev/shm/app --restore-if-empty /data -- /usr/local/bin/app
+  # Restore /var/lib/app from what was sent as /data, from snapshots tagged db only:
+  shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new repository.
@@ -90,15 +105,20 @@ enum Cmd {
         #[arg(long)]
         create_bucket: bool,
     },
-    /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT.
+    /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT (or, with
+    /// `-- APP`, until APP exits).
     ///
     /// Each segment (one producer each) is served by its own thread, so a slow producer never
     /// holds up the others. On SIGTERM a batch in flight gets --grace to finish, then it is
     /// abandoned: no snapshot, the producer is told and resends later.
-    #[command(after_help = "Examples:
-  shmback run                                        # /dev/shm/shmback
-  shmback run --segment /dev/shm/db --segment /dev/shm/media
-  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25")]
+    ///
+    /// With `-- APP ARGS`, shmback is APP's supervisor (one container running both, e.g. on
+    /// Akash): APP starts once the segments exist, SIGTERM/SIGINT/SIGHUP are passed on to it, and
+    /// shmback exits with APP's status (128+N if signal N killed it) once serving has stopped. On
+    /// SIGTERM, APP gets --grace to exit (then SIGKILL) while serving goes on, then the batch in
+    /// flight gets --grace: allow twice --grace before the platform's SIGKILL. If serving fails,
+    /// APP is stopped and shmback exits with the error. As PID 1 it reaps orphaned processes.
+    #[command(after_help = RUN_EXAMPLES)]
     Run {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
         #[arg(short, long, env = "SHMBACK_SEGMENT", value_delimiter = ',', default_value = "/dev/shm/shmback")]
@@ -122,6 +142,22 @@ enum Cmd {
         /// Most manifest entries one batch may have (a larger one is rejected as it arrives).
         #[arg(long, value_name = "N", env = "SHMBACK_MAX_ENTRIES", default_value_t = 5_000_000)]
         max_entries: u64,
+        /// Before APP starts, if DIR is missing or empty (a fresh volume's lost+found aside),
+        /// restore the latest snapshot's SNAPSHOT-PATH into it (default: DIR without its leading
+        /// `/`, where `shmback-send DIR` stores it). A DIR holding anything is left alone; an
+        /// empty repository restores nothing; any failure keeps APP from starting. Repeatable.
+        #[arg(long, value_name = "DIR[:SNAPSHOT-PATH]", requires = "app")]
+        restore_if_empty: Vec<RestoreIfEmpty>,
+        /// --restore-if-empty takes the latest snapshot of this host only (default: any host; a new
+        /// lease has a new host name).
+        #[arg(long, value_name = "HOST", requires = "restore_if_empty")]
+        restore_host: Option<String>,
+        /// --restore-if-empty takes the latest snapshot carrying this tag; repeatable (all of them).
+        #[arg(long, value_name = "TAG", requires = "restore_if_empty")]
+        restore_tag: Vec<String>,
+        /// The app to supervise and its arguments, after `--`.
+        #[arg(last = true, value_name = "APP")]
+        app: Vec<OsString>,
     },
     /// List snapshots, oldest first.
     #[command(after_help = "Examples:\n  shmback snapshots\n  shmback snapshots --json | jq '.[].id'")]
@@ -287,7 +323,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // A backend failure gets its own exit status whichever backend failed (README, "Exit
             // status"); a classified one speaks for itself (its message names the cause and fix).
@@ -302,7 +338,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
             let dir = dir.clone().unwrap_or_else(|| {
@@ -319,11 +355,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             open_repo(&config, true)?;
             println!("created repository {}", config.location);
         }
-        Cmd::Run { segment, grace, host, ring_size, group_shared, batch_idle, max_entries } => {
+        Cmd::Run {
+            segment,
+            grace,
+            host,
+            ring_size,
+            group_shared,
+            batch_idle,
+            max_entries,
+            restore_if_empty,
+            restore_host,
+            restore_tag,
+            app,
+        } => {
             let config = repository_config(cli)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             let mut opts = ServeOptions {
                 grace: Duration::from_secs(*grace),
                 batch_idle: Duration::from_secs(*batch_idle),
@@ -335,13 +380,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             opts.segment =
                 SegmentOptions { capacity: *ring_size, group_shared: *group_shared, ..SegmentOptions::default() };
-            serve_all(&config, segment, &opts, &stop, |seg: &Path, o: &BatchOutcome| match o {
-                BatchOutcome::Stored { seq, snapshot, elapsed } => {
-                    println!("{}: batch {seq}: snapshot {} ({elapsed:.2?})", seg.display(), snapshot.id)
-                }
-                // Logged (with the reason, rate-limited against a flooding producer) by the library.
-                BatchOutcome::Rejected { .. } => {}
-            })?;
+            if !app.is_empty() {
+                let sup = Supervise {
+                    app: app.clone(),
+                    grace: opts.grace,
+                    restore: restore_if_empty.clone(),
+                    filter: SnapshotFilter { host: restore_host.clone(), tags: restore_tag.clone() },
+                };
+                let ended = supervise(&config, segment, &opts, &sup, print_outcome)?;
+                return Ok(ended.map_or(ExitCode::SUCCESS, |how| ExitCode::from(how.status())));
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+            serve_all(&config, segment, &opts, &stop, || {}, print_outcome)?;
         }
         Cmd::Snapshots { json } => {
             let config = repository_config(cli)?;
@@ -404,5 +456,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The line a stored batch prints on stdout.
+fn print_outcome(seg: &Path, o: &BatchOutcome) {
+    match o {
+        BatchOutcome::Stored { seq, snapshot, elapsed } => {
+            println!("{}: batch {seq}: snapshot {} ({elapsed:.2?})", seg.display(), snapshot.id)
+        }
+        // Logged (with the reason, rate-limited against a flooding producer) by the library.
+        BatchOutcome::Rejected { .. } => {}
+    }
 }
