@@ -200,12 +200,10 @@ impl Coordinator {
                 None => events.recv().expect("the coordinator holds a sender"),
             };
             match (&mut app, event) {
-                (App::NotStarted { stopping }, Event::Signal(s)) => {
-                    if s == SIGTERM || s == SIGINT {
-                        info!("asked to stop before the app was started: it will not be");
-                        *stopping = true;
-                        self.stop.store(true, Ordering::Relaxed);
-                    }
+                (App::NotStarted { stopping }, Event::Signal(s)) if s == SIGTERM || s == SIGINT => {
+                    info!("asked to stop before the app was started: it will not be");
+                    *stopping = true;
+                    self.stop.store(true, Ordering::Relaxed);
                 }
                 (App::NotStarted { stopping: false }, Event::Attached) => app = self.start(),
                 (App::Running { pid, kill_at }, Event::Signal(s)) => {
