@@ -87,7 +87,8 @@ const RUN_EXAMPLES: &str = "Examples:
   shmback run --segment /dev/shm/db --segment /dev/shm/media
   SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25
 
-  # One container, app and uploader (the entrypoint; the app sends with shmback-send -s /dev/shm/app):
+  # Entrypoint of one container running the app and the uploader
+  # (the app sends its batches with `shmback-send -s /dev/shm/app ...`):
   shmback run --segment /dev/shm/app -- /usr/local/bin/app --port 8080
   # On a fresh lease, bring /data back from the latest snapshot before the app starts:
   shmback run --segment /dev/shm/app --restore-if-empty /data -- /usr/local/bin/app
@@ -123,7 +124,8 @@ enum Cmd {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
         #[arg(short, long, env = "SHMBACK_SEGMENT", value_delimiter = ',', default_value = "/dev/shm/shmback")]
         segment: Vec<PathBuf>,
-        /// Seconds a batch in flight may still take after SIGTERM before it is abandoned.
+        /// Seconds a batch in flight may still take after SIGTERM before it is abandoned; with
+        /// `-- APP`, also the seconds APP may take to exit after SIGTERM before it is killed.
         #[arg(long, value_name = "SECONDS", default_value_t = 20)]
         grace: u64,
         /// Host name recorded in snapshots whose batch names none (default: this machine's).

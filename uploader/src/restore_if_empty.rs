@@ -372,8 +372,6 @@ fn restore_dir(
         snapshot = %short(snap),
         time = %snap.time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         host = %snap.hostname,
-        files,
-        bytes,
         "restored `{path}` of the latest snapshot: {files} files, {bytes} bytes"
     );
     Ok(DirOutcome::Restored { dir: dir.clone(), snapshot: id, files, bytes })
