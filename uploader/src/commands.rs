@@ -4,10 +4,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context;
-use rustic_core::repofile::{IndexId, SnapshotFile};
+use rustic_core::repofile::{IndexId, Node, SnapshotFile};
 use rustic_core::{
-    CheckError, CheckOptions, ForgetGroups, Grouped, KeepOptions, LocalDestination, LsOptions, OpenStatus,
-    PruneOptions, RepairIndexOptions, RepairSnapshotsOptions, Repository, RestoreOptions, SnapshotGroupCriterion,
+    CheckError, CheckOptions, ForgetGroups, Grouped, IndexedFullStatus, KeepOptions, LocalDestination, LsOptions,
+    OpenStatus, PruneOptions, RepairIndexOptions, RepairSnapshotsOptions, Repository, RestoreOptions,
+    SnapshotGroupCriterion,
 };
 
 use crate::config::RepositoryConfig;
@@ -36,7 +37,13 @@ pub fn snapshots(config: &RepositoryConfig) -> anyhow::Result<Vec<SnapshotFile>>
 pub fn restore(config: &RepositoryConfig, spec: &str, dest: &Path) -> anyhow::Result<()> {
     let repo = open_plain(config)?.to_indexed()?;
     let node = repo.node_from_snapshot_path(spec, |_| true).with_context(|| format!("finding {spec}"))?;
-    let ls = repo.ls(&node, &LsOptions::default())?;
+    restore_node(&repo, &node, spec, dest)
+}
+
+/// Restores `node`, already found in `repo` (`spec` names it in messages), into `dest`, with the
+/// guarantees of [`restore`]: for callers that pick the snapshot and path themselves.
+pub fn restore_node(repo: &Repository<IndexedFullStatus>, node: &Node, spec: &str, dest: &Path) -> anyhow::Result<()> {
+    let ls = repo.ls(node, &LsOptions::default())?;
     let dest_str = dest.to_str().context("restore destination is not UTF-8")?;
     let dest = LocalDestination::new(dest_str, true, !node.is_dir())?;
     let opts = RestoreOptions::default();

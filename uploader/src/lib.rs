@@ -4,7 +4,8 @@
 //! exactly one restic-format snapshot, and the producer's ticket resolves only once that snapshot
 //! is stored. The engine (batch source, snapshot gate, serve loop over one or several segments),
 //! the repository commands, the demo, and the restic backends (`backends`: locations, local, S3, REST,
-//! rclone, GCS, Azure, B2, SFTP, Swift) are here.
+//! rclone, GCS, Azure, B2, SFTP, Swift) are here, and the supervisor of `shmback run -- APP`
+//! (`supervise`, with `restore_if_empty` to bring an app's data back on a fresh machine).
 //! Map of the crate: `docs/ARCHITECTURE.md`; design: `docs/decisions/0002-uploader-engine.md`
 //! (serving) and `docs/decisions/0004-backends.md` (backends).
 #![warn(missing_docs)]
@@ -15,7 +16,9 @@ pub mod config;
 pub mod demo;
 pub mod progress;
 pub mod repository;
+pub mod restore_if_empty;
 pub mod serve;
+pub mod supervise;
 
 pub use config::{Password, RepositoryConfig};
 pub use serve::{BatchOutcome, Repo, ServeOptions, open_repo, serve, serve_all};

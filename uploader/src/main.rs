@@ -3,6 +3,7 @@
 //! The command line as one file: clap definitions, their help examples, and the mapping of each
 //! subcommand onto the library (configuration parsed once here, then passed down).
 
+use std::ffi::OsString;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,7 +19,9 @@ use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
 use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
+use shmback_uploader::supervise::{Supervise, supervise};
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
 /// Back up what producers send through /dev/shm rings into a restic-format repository.
@@ -85,6 +88,24 @@ const TOP_EXAMPLES: &str = "Examples:
   shmback restore latest /tmp/restore
   shmback forget --keep-daily 7 --keep-weekly 4 --prune";
 
+const RUN_EXAMPLES: &str = "Examples:
+  shmback run                                        # /dev/shm/shmback
+  shmback run --segment /dev/shm/db --segment /dev/shm/media
+  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25
+
+  # Another service pushes batches (shmback-send --to http://backup:8700 /data):
+  SHMBACK_TOKEN_FILE=/run/secrets/token shmback run --listen 0.0.0.0:8700
+  # Or this one pulls them from the app's service (shmback-send --serve 0.0.0.0:8701 /data):
+  shmback run --pull http://app:8701 --pull-interval 3600
+
+  # Entrypoint of one container running the app and the uploader
+  # (the app sends its batches with `shmback-send -s /dev/shm/app ...`):
+  shmback run --segment /dev/shm/app -- /usr/local/bin/app --port 8080
+  # On a fresh lease, bring /data back from the latest snapshot before the app starts:
+  shmback run --segment /dev/shm/app --restore-if-empty /data -- /usr/local/bin/app
+  # Restore /var/lib/app from what was sent as /data, from snapshots tagged db only:
+  shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new repository.
@@ -96,19 +117,20 @@ enum Cmd {
         #[arg(long)]
         create_bucket: bool,
     },
-    /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT.
+    /// Serve segments: one snapshot per committed batch, until SIGTERM/SIGINT (or, with
+    /// `-- APP`, until APP exits).
     ///
     /// Each segment (one producer each) is served by its own thread, so a slow producer never
     /// holds up the others. On SIGTERM a batch in flight gets --grace to finish, then it is
     /// abandoned: no snapshot, the producer is told and resends later.
-    #[command(after_help = "Examples:
-  shmback run                                        # /dev/shm/shmback
-  shmback run --segment /dev/shm/db --segment /dev/shm/media
-  SHMBACK_SEGMENT=/dev/shm/db,/dev/shm/media shmback run --grace 25
-  # Another service pushes batches (shmback-send --to http://backup:8700 /data):
-  SHMBACK_TOKEN_FILE=/run/secrets/token shmback run --listen 0.0.0.0:8700
-  # Or this one pulls them from the app's service (shmback-send --serve 0.0.0.0:8701 /data):
-  shmback run --pull http://app:8701 --pull-interval 3600")]
+    ///
+    /// With `-- APP ARGS`, shmback is APP's supervisor (one container running both, e.g. on
+    /// Akash): APP starts once the segments exist, SIGTERM/SIGINT/SIGHUP are passed on to it, and
+    /// shmback exits with APP's status (128+N if signal N killed it) once serving has stopped. On
+    /// SIGTERM, APP gets --grace to exit (then SIGKILL) while serving goes on, then the batch in
+    /// flight gets --grace: allow twice --grace before the platform's SIGKILL. If serving fails,
+    /// APP is stopped and shmback exits with the error. As PID 1 it reaps orphaned processes.
+    #[command(after_help = RUN_EXAMPLES)]
     Run {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
         /// Default /dev/shm/shmback, unless --listen or --pull is given.
@@ -134,7 +156,8 @@ enum Cmd {
         /// token itself, it would show in `ps`).
         #[arg(long, value_name = "FILE", env = "SHMBACK_TOKEN_FILE")]
         token_file: Option<PathBuf>,
-        /// Seconds a batch in flight may still take after SIGTERM before it is abandoned.
+        /// Seconds a batch in flight may still take after SIGTERM before it is abandoned; with
+        /// `-- APP`, also the seconds APP may take to exit after SIGTERM before it is killed.
         #[arg(long, value_name = "SECONDS", default_value_t = 20)]
         grace: u64,
         /// Host name recorded in snapshots whose batch names none (default: this machine's).
@@ -153,6 +176,22 @@ enum Cmd {
         /// Most manifest entries one batch may have (a larger one is rejected as it arrives).
         #[arg(long, value_name = "N", env = "SHMBACK_MAX_ENTRIES", default_value_t = 5_000_000)]
         max_entries: u64,
+        /// Before APP starts, if DIR is missing or empty (a fresh volume's lost+found aside),
+        /// restore the latest snapshot's SNAPSHOT-PATH into it (default: DIR without its leading
+        /// `/`, where `shmback-send DIR` stores it). A DIR holding anything is left alone; an
+        /// empty repository restores nothing; any failure keeps APP from starting. Repeatable.
+        #[arg(long, value_name = "DIR[:SNAPSHOT-PATH]", requires = "app")]
+        restore_if_empty: Vec<RestoreIfEmpty>,
+        /// --restore-if-empty takes the latest snapshot of this host only (default: any host; a new
+        /// lease has a new host name).
+        #[arg(long, value_name = "HOST", requires = "restore_if_empty")]
+        restore_host: Option<String>,
+        /// --restore-if-empty takes the latest snapshot carrying this tag; repeatable (all of them).
+        #[arg(long, value_name = "TAG", requires = "restore_if_empty")]
+        restore_tag: Vec<String>,
+        /// The app to supervise and its arguments, after `--`.
+        #[arg(last = true, value_name = "APP")]
+        app: Vec<OsString>,
     },
     /// List snapshots, oldest first.
     #[command(after_help = "Examples:\n  shmback snapshots\n  shmback snapshots --json | jq '.[].id'")]
@@ -319,7 +358,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // A backend failure gets its own exit status whichever backend failed (README, "Exit
             // status"); a classified one speaks for itself (its message names the cause and fix).
@@ -334,7 +373,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
             let dir = dir.clone().unwrap_or_else(|| {
@@ -364,11 +403,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             group_shared,
             batch_idle,
             max_entries,
+            restore_if_empty,
+            restore_host,
+            restore_tag,
+            app,
         } => {
             let config = repository_config(cli)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             let mut opts = ServeOptions {
                 grace: Duration::from_secs(*grace),
                 batch_idle: Duration::from_secs(*batch_idle),
@@ -393,50 +433,23 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 max_batches: (*listen_max_batches).max(1),
                 ..HttpOptions::default()
             };
-            let print = |from: &str, o: &BatchOutcome| match o {
-                BatchOutcome::Stored { seq, snapshot, elapsed } => {
-                    println!("{from}: batch {seq}: snapshot {} ({elapsed:.2?})", snapshot.id)
-                }
-                // Logged (with the reason, rate-limited against a flooding producer) by the library.
-                BatchOutcome::Rejected { .. } => {}
-            };
-            let on_http: OnBatch = Arc::new(print);
-            // Bound first: a port in use fails before anything is served.
+            // Bound first: a port in use fails before anything is served (or APP started).
             let listener = listen.map(bind).transpose()?;
-            // Every transport on its own thread; the first to fail stops the others.
-            let failed = |r: anyhow::Result<()>| {
-                if r.is_err() {
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                r
-            };
-            std::thread::scope(|scope| {
-                let mut jobs = Vec::new();
-                if let Some(listener) = listener {
-                    let on = on_http.clone();
-                    let (config, http, opts, stop) = (&config, &http, &opts, &stop);
-                    jobs.push(scope.spawn(move || failed(listen_http(config, listener, http, opts, stop, on))));
-                }
-                if let Some(url) = pull {
-                    let on = on_http.clone();
-                    let every = Duration::from_secs((*pull_interval).max(1));
-                    let (config, http, opts, stop) = (&config, &http, &opts, &stop);
-                    jobs.push(scope.spawn(move || failed(pull_http(config, url, every, http, opts, stop, on))));
-                }
-                let mut result = Ok(());
-                if !segments.is_empty() {
-                    result = failed(serve_all(&config, &segments, &opts, &stop, |seg: &Path, o: &BatchOutcome| {
-                        print(&seg.display().to_string(), o)
-                    }));
-                }
-                for job in jobs {
-                    let r = job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")));
-                    if result.is_ok() {
-                        result = r;
-                    }
-                }
-                result
-            })?;
+            let transports = Transports { segments, listener, pull: pull.clone(), every: *pull_interval, http };
+            if !app.is_empty() {
+                let sup = Supervise {
+                    app: app.clone(),
+                    grace: opts.grace,
+                    restore: restore_if_empty.clone(),
+                    filter: SnapshotFilter { host: restore_host.clone(), tags: restore_tag.clone() },
+                };
+                let ended = supervise(&config, &sup, |stop, ready| transports.serve(&config, &opts, stop, ready))?;
+                return Ok(ended.map_or(ExitCode::SUCCESS, |how| ExitCode::from(how.status())));
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+            transports.serve(&config, &opts, &stop, Box::new(|| {}))?;
         }
         Cmd::Snapshots { json } => {
             let config = repository_config(cli)?;
@@ -499,5 +512,71 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The line a stored batch prints on stdout.
+fn print_outcome(from: &str, o: &BatchOutcome) {
+    match o {
+        BatchOutcome::Stored { seq, snapshot, elapsed } => {
+            println!("{from}: batch {seq}: snapshot {} ({elapsed:.2?})", snapshot.id)
+        }
+        // Logged (with the reason, rate-limited against a flooding producer) by the library.
+        BatchOutcome::Rejected { .. } => {}
+    }
+}
+
+/// What `shmback run` serves: segments, batches pushed to its listener, batches it pulls.
+struct Transports {
+    segments: Vec<PathBuf>,
+    listener: Option<std::net::TcpListener>,
+    pull: Option<String>,
+    /// Seconds between pulls.
+    every: u64,
+    http: HttpOptions,
+}
+
+impl Transports {
+    /// Serves every transport, each on its own thread, until `stop` is set; the first to fail
+    /// stops the others. `ready` is called once the segments are attached.
+    fn serve(
+        self,
+        config: &RepositoryConfig,
+        opts: &ServeOptions,
+        stop: &Arc<AtomicBool>,
+        ready: Box<dyn FnOnce() + Send>,
+    ) -> anyhow::Result<()> {
+        let Transports { segments, listener, pull, every, http } = self;
+        let on_http: OnBatch = Arc::new(print_outcome);
+        let failed = |r: anyhow::Result<()>| {
+            if r.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        };
+        std::thread::scope(|scope| {
+            let mut jobs = Vec::new();
+            if let Some(listener) = listener {
+                let (on, http) = (on_http.clone(), &http);
+                jobs.push(scope.spawn(move || failed(listen_http(config, listener, http, opts, stop, on))));
+            }
+            if let Some(url) = &pull {
+                let (on, http) = (on_http.clone(), &http);
+                let every = Duration::from_secs(every.max(1));
+                jobs.push(scope.spawn(move || failed(pull_http(config, url, every, http, opts, stop, on))));
+            }
+            let result = if segments.is_empty() {
+                ready();
+                Ok(())
+            } else {
+                failed(serve_all(config, &segments, opts, stop, ready, |seg: &Path, o: &BatchOutcome| {
+                    print_outcome(&seg.display().to_string(), o)
+                }))
+            };
+            jobs.into_iter().fold(result, |result, job| {
+                let r = job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")));
+                result.and(r)
+            })
+        })
+    }
 }

@@ -24,9 +24,18 @@ fn several_segments_are_served_at_once_and_a_stalled_producer_holds_up_no_other(
         std::thread::spawn(move || {
             let out = std::sync::Mutex::new(vec![]);
             let opts = ServeOptions { tick: Duration::from_millis(20), ..ServeOptions::default() };
-            serve_all(&cfg(&loc), &paths, &opts, &stop, |seg, o| {
-                out.lock().unwrap().push((seg.file_name().unwrap().to_string_lossy().into_owned(), format!("{o:?}")))
-            })
+            serve_all(
+                &cfg(&loc),
+                &paths,
+                &opts,
+                &stop,
+                || {},
+                |seg, o| {
+                    out.lock()
+                        .unwrap()
+                        .push((seg.file_name().unwrap().to_string_lossy().into_owned(), format!("{o:?}")))
+                },
+            )
             .unwrap();
             out.into_inner().unwrap()
         })
@@ -59,9 +68,9 @@ fn a_segment_named_twice_or_unusable_fails_at_start_up() {
     let a = shm.path().join("a");
     let stop = Arc::new(AtomicBool::new(false));
     let opts = ServeOptions::default();
-    let e = serve_all(&cfg(&loc), &[a.clone(), a.clone()], &opts, &stop, |_, _| {}).unwrap_err();
+    let e = serve_all(&cfg(&loc), &[a.clone(), a.clone()], &opts, &stop, || {}, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("named twice"), "{e:#}");
-    let e = serve_all(&cfg(&loc), &[shm.path().join("no/such/dir/seg")], &opts, &stop, |_, _| {}).unwrap_err();
+    let e = serve_all(&cfg(&loc), &[shm.path().join("no/such/dir/seg")], &opts, &stop, || {}, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("no/such/dir/seg"), "the error names the segment: {e:#}");
 }
 

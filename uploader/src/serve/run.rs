@@ -102,11 +102,14 @@ fn stopped(path: &Path, stop: SegmentStop) -> anyhow::Error {
 /// fails at start-up, and segments this call created are removed again). A segment whose ring
 /// fails stops alone, with the error logged; a repository failure sets `stop`, and the other
 /// segments wind down within the grace period. The first error is returned once all have stopped.
+/// `on_attached` is called once every segment is attached, before serving starts (a supervised
+/// app is started there, so it finds its segment); it is not called if opening or attaching fails.
 pub fn serve_all(
     config: &RepositoryConfig,
     paths: &[PathBuf],
     opts: &ServeOptions,
     stop: &Arc<AtomicBool>,
+    on_attached: impl FnOnce(),
     on_batch: impl Fn(&Path, &BatchOutcome) + Sync,
 ) -> anyhow::Result<()> {
     for (i, path) in paths.iter().enumerate() {
@@ -123,6 +126,7 @@ pub fn serve_all(
             .collect::<anyhow::Result<_>>()
     })?;
     let attached = attach_all(paths, opts)?;
+    on_attached();
     let on_batch = &on_batch;
     let errors: Vec<anyhow::Error> = std::thread::scope(|scope| {
         let threads: Vec<_> = paths
