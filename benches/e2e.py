@@ -19,15 +19,29 @@ the repositories instead, and the pipelines are:
   (a3) shmback to the local S3 server
   (c3) `cp -a` into /dev/shm, then `restic backup` to the same S3 server
 
-  cargo build --release && python3 benches/e2e.py            # doc tree + 256 MiB of large files, 3 runs
-  python3 benches/e2e.py --quick                              # small corpus, 1 run (CI: it works)
-  python3 benches/e2e.py --s3                                 # S3: shmback vs restic to the same server
+Corpora (--corpus, comma-separated, each measured in turn with all pipelines):
+
+  mixed  the --doc tree plus --big-mib of large random files (64 MiB each)
+  small  generated, deterministic from --seed: --small-mb of text-like, compressible files of
+         1-64 KiB (log-uniform sizes, so most are small), in a tree 2-5 directories deep;
+         about 32,000 files at the default 500 MB
+  big    only the --big-mib of large random files
+
+--compare-bin DIR adds (a) and (b) with the binaries of DIR (e.g. a copy of an earlier release
+build), interleaved with the others in every run, so a before/after ratio comes from one run.
+
+  cargo build --release -p shmback-uploader -p shmback-writer -p shmback-benches
+  python3 benches/e2e.py                          # small, then mixed; 3 runs each
+  python3 benches/e2e.py --quick                  # small corpora, 1 run (CI: it works)
+  python3 benches/e2e.py --s3                     # S3: shmback vs restic to the same server
 """
 
 import argparse
 import itertools
 import json
+import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -82,8 +96,56 @@ def tree_bytes(path):
     return total
 
 
-def make_corpus(dst, doc, big_mib):
+def text_pool(rng, size):
+    """`size` bytes of text-like data: lines of words from a Zipf-weighted vocabulary (zstd at
+    level 3 makes about 28 % of it)."""
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    vocab = ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(1, 10)))
+             for _ in range(4000)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    out, n = [], 0
+    while n < size:
+        words = rng.choices(vocab, weights=weights, k=4096)
+        lines = []
+        i = 0
+        while i < len(words):
+            k = rng.randint(4, 14)
+            lines.append(" ".join(words[i:i + k]))
+            i += k
+        chunk = ("\n".join(lines) + "\n").encode()
+        out.append(chunk)
+        n += len(chunk)
+    return b"".join(out)[:size]
+
+
+def make_small_files(dst, total_bytes, seed):
+    """Many small text-like files in a deep tree, the same bytes for the same seed and size.
+
+    Sizes are log-uniform in 1-64 KiB (median ~8 KiB); each file starts with a line naming it, so
+    no two files are the same blob; the rest is a slice of one 16 MiB text pool at a random offset.
+    Directories are 2-5 levels deep, 4 wide per level (about 1,300 of them)."""
+    rng = random.Random(seed)
+    pool = text_pool(rng, 16 << 20)
+    pool += pool[:64 << 10]  # a slice may run past the end
+    written = i = 0
+    while written < total_bytes:
+        depth = rng.randint(2, 5)
+        d = os.path.join(dst, *(f"d{rng.randrange(4)}" for _ in range(depth)))
+        size = min(int(math.exp(rng.uniform(math.log(1024), math.log(64 << 10)))), total_bytes - written)
+        head = f"file {i} seed {seed} size {size}\n".encode()
+        off = rng.randrange(len(pool) - (64 << 10))
+        data = (head + pool[off:off + size])[:size]
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:06d}.txt"), "wb") as f:
+            f.write(data)
+        written += size
+        i += 1
+
+
+def make_corpus(dst, doc, big_mib, small_bytes=0, seed=0):
     os.makedirs(dst)
+    if small_bytes:
+        make_small_files(os.path.join(dst, "small"), small_bytes, seed)
     if doc:
         shutil.copytree(doc, os.path.join(dst, "doc"), symlinks=True)
     big = os.path.join(dst, "big")
@@ -127,12 +189,13 @@ class Sampler:
         return self.peak
 
 
-def pipeline_a(work, corpus, env, repo=None):
+def pipeline_a(work, corpus, env, repo=None, bins=None):
+    bins = bins or BIN
     repo = repo or os.path.join(work, "repo-a")
     seg = f"/dev/shm/shmback-e2e-{os.getpid()}"
     e = dict(env, RESTIC_REPOSITORY=repo)
-    run([BIN["shmback"], "init", "--create-bucket"] if repo.startswith("s3:") else [BIN["shmback"], "init"], e)
-    up = subprocess.Popen([BIN["shmback"], "run", "--segment", seg], env=e,
+    run([bins["shmback"], "init", "--create-bucket"] if repo.startswith("s3:") else [bins["shmback"], "init"], e)
+    up = subprocess.Popen([bins["shmback"], "run", "--segment", seg], env=e,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(1000):
@@ -140,7 +203,7 @@ def pipeline_a(work, corpus, env, repo=None):
                 break
             time.sleep(0.01)
         sampler = Sampler(seg)
-        send = [BIN["shmback-send"], "--segment", seg, "--wait-durable", "--timeout", "600", corpus]
+        send = [bins["shmback-send"], "--segment", seg, "--wait-durable", "--timeout", "600", corpus]
         first, rss_send = run(send, e)
         again, rss_send2 = run(send, e)
         shm_peak = sampler.done()
@@ -173,11 +236,12 @@ def staged(work, corpus, env, name, backup):
     return res
 
 
-def pipeline_b(work, corpus, env):
+def pipeline_b(work, corpus, env, bins=None):
+    bins = bins or BIN
     repo = os.path.join(work, "repo-b")
-    run([BIN["shmback"], "init"], dict(env, RESTIC_REPOSITORY=repo))
+    run([bins["shmback"], "init"], dict(env, RESTIC_REPOSITORY=repo))
     return staged(work, corpus, env, "rustic_core backup",
-                  lambda outbox, _: run([BIN["shmback-rustic-backup"], repo, outbox], env))
+                  lambda outbox, _: run([bins["shmback-rustic-backup"], repo, outbox], env))
 
 
 def pipeline_c(work, corpus, env, repo=None):
@@ -192,6 +256,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--doc", default="/usr/share/doc", help="a tree of many small files to include")
     ap.add_argument("--big-mib", type=int, default=256, help="MiB of large incompressible files to add")
+    ap.add_argument("--corpus", default="small,mixed",
+                    help="comma-separated corpora to measure in turn: small, mixed, big (see above)")
+    ap.add_argument("--small-mb", type=int, default=500, help="MB of the generated small-files corpus")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the generated small-files corpus")
+    ap.add_argument("--compare-bin", default=None,
+                    help="also run (a) and (b) with the binaries in this directory (before/after)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small corpus, one run (checks the script works)")
     ap.add_argument("--s3", action="store_true", help="repositories on a local S3 server: shmback vs restic")
@@ -199,10 +269,18 @@ def main():
     args = ap.parse_args()
     args.json = args.json or os.path.join(ROOT, "target", "e2e-s3.json" if args.s3 else "e2e.json")
     if args.quick:
-        args.big_mib, args.runs = 8, 1
-    for b in (v for k, v in BIN.items() if args.s3 or k != "shmback-s3-server"):
+        args.big_mib, args.runs, args.small_mb = 8, 1, 8
+    corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
+    for c in corpora:
+        if c not in ("small", "mixed", "big"):
+            sys.exit(f"unknown corpus {c!r}: use small, mixed or big")
+    old = None
+    if args.compare_bin:
+        old = {n: os.path.join(args.compare_bin, n) for n in BIN}
+    build = "cargo build --release -p shmback-uploader -p shmback-writer -p shmback-benches"
+    for b in (v for bins in (BIN, old or {}) for k, v in bins.items() if args.s3 or k != "shmback-s3-server"):
         if not os.path.exists(b):
-            sys.exit(f"{b} is missing: run `cargo build --release` first")
+            sys.exit(f"{b} is missing: run `{build}` first (or point SHMBACK_BIN_DIR at the binaries)")
     for tool, pkg in (("restic", "restic"), ("/usr/bin/time", "time")):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install {pkg}")
@@ -227,21 +305,44 @@ def main():
                      ("c3", lambda w, c, e: pipeline_c(w, c, e, f"s3:{endpoint}/c3-{next(bucket_seq)}")))
     else:
         pipelines = (("a", pipeline_a), ("b", pipeline_b), ("c", pipeline_c))
+    if old:
+        pipelines += (("a0", lambda w, c, e: pipeline_a(w, c, e, bins=old)),
+                      ("b0", lambda w, c, e: pipeline_b(w, c, e, bins=old)))
+    all_results = {}
+    try:
+        for name in corpora:
+            all_results[name] = measure(args, name, base, env, pipelines)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        if server:
+            server.kill()
+            server.wait()
+            shutil.rmtree(s3_root, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(all_results, f, indent=1)
+    print(f"raw figures: {args.json}")
+
+
+def measure(args, name, base, env, pipelines):
+    """Runs every pipeline --runs times on one corpus, interleaved; prints the table."""
     keys = [k for k, _ in pipelines]
     base_key = "a3" if args.s3 else "a"
+    corpus = os.path.join(base, "corpus-" + name)
     try:
-        corpus = os.path.join(base, "corpus")
-        doc = args.doc
-        if args.quick:
+        doc = args.doc if name == "mixed" else None
+        big_mib = 0 if name == "small" else args.big_mib
+        small = args.small_mb * 1000 * 1000 if name == "small" else 0
+        if doc and args.quick:
             # A slice of the doc tree: enough files to exercise the per-file paths.
             doc = os.path.join(base, "doc-slice")
             os.makedirs(doc)
-            for i, name in enumerate(sorted(os.listdir(args.doc))[:150]):
-                src = os.path.join(args.doc, name)
+            for entry in sorted(os.listdir(args.doc))[:150]:
+                src = os.path.join(args.doc, entry)
                 if os.path.isdir(src) and not os.path.islink(src):
-                    shutil.copytree(src, os.path.join(doc, name), symlinks=True)
-        files, size = make_corpus(corpus, doc if os.path.isdir(doc) else None, args.big_mib)
-        print(f"corpus: {files} files, {size / 1e6:.1f} MB ({args.big_mib} MiB of it in large files); "
+                    shutil.copytree(src, os.path.join(doc, entry), symlinks=True)
+        files, size = make_corpus(corpus, doc if doc and os.path.isdir(doc) else None, big_mib, small, args.seed)
+        print(f"\ncorpus {name}: {files} files, {size / 1e6:.1f} MB ({big_mib} MiB of it in large files); "
               f"{args.runs} run(s), repositories on {'the local S3 server' if args.s3 else '/dev/shm'}", flush=True)
         results = {k: [] for k in keys}
         for r in range(args.runs):
@@ -254,16 +355,13 @@ def main():
                 x = results[key][-1]
                 print(f"  run {r + 1} ({key}): first {x['first']:.2f} s, re-run {x['rerun']:.2f} s", flush=True)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-        if server:
-            server.kill()
-            server.wait()
-            shutil.rmtree(s3_root, ignore_errors=True)
+        shutil.rmtree(corpus, ignore_errors=True)
 
     med = {k: {p: statistics.median(x[p] for x in v) for p in ("first", "rerun")} for k, v in results.items()}
     names = {"a": "(a) shmback: ring -> rustic_core", "b": "(b) cp to /dev/shm + rustic_core backup",
              "c": "(c) cp to /dev/shm + restic backup", "a3": "(a3) shmback: ring -> rustic_core -> S3",
-             "c3": "(c3) cp to /dev/shm + restic backup -> S3"}
+             "c3": "(c3) cp to /dev/shm + restic backup -> S3",
+             "a0": "(a) shmback, --compare-bin build", "b0": "(b) cp + rustic_core backup, --compare-bin build"}
     print()
     print(f"| pipeline | first run | MB/s | ({base_key}) is × faster | re-run unchanged | ({base_key}) re-run is × faster "
           "| peak RSS | peak /dev/shm |")
@@ -284,10 +382,7 @@ def main():
         cp = statistics.median(x["first_copy"] for x in results[k])
         print(f"\n{names[k]}: of its first run, the copy into /dev/shm took {cp:.2f} s", end="")
     print()
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"files": files, "bytes": size, "runs": results}, f, indent=1)
-    print(f"raw figures: {args.json}")
+    return {"files": files, "bytes": size, "runs": results}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ use crate::{
         BlobId, BlobType, DataId,
         packer::{PackSizer, Packer, PackerStats},
     },
-    chunker::ChunkIter,
+    chunker::Chunker,
     crypto::hasher::hash,
     error::{ErrorKind, RusticError, RusticResult},
     index::{ReadGlobalIndex, indexer::SharedIndexer},
@@ -34,7 +34,8 @@ use crate::{
 pub(crate) struct FileArchiver<'a, BE: DecryptWriteBackend, I: ReadGlobalIndex> {
     index: &'a I,
     data_packer: Packer<BE>,
-    config: ConfigFile,
+    /// shmback patch (docs/upstream/0005-chunker-tables-once.md): built once, cloned per file.
+    chunker: Chunker,
 }
 
 impl<'a, BE: DecryptWriteBackend, I: ReadGlobalIndex> FileArchiver<'a, BE, I> {
@@ -69,7 +70,7 @@ impl<'a, BE: DecryptWriteBackend, I: ReadGlobalIndex> FileArchiver<'a, BE, I> {
         Ok(Self {
             index,
             data_packer,
-            config: config.clone(),
+            chunker: Chunker::from_config(config)?,
         })
     }
 
@@ -141,23 +142,21 @@ impl<'a, BE: DecryptWriteBackend, I: ReadGlobalIndex> FileArchiver<'a, BE, I> {
         node: Node,
         p: &Progress,
     ) -> RusticResult<(Node, u64)> {
-        let chunks: Vec<_> = ChunkIter::from_config(
-            &self.config,
-            r,
-            usize::try_from(node.meta.size).unwrap_or(usize::MAX),
-        )?
-        .map(|chunk| {
-            let chunk = chunk?;
-            let id = hash(&chunk);
-            let size = chunk.len() as u64;
+        let chunks: Vec<_> = self
+            .chunker
+            .chunk(r, usize::try_from(node.meta.size).unwrap_or(usize::MAX))?
+            .map(|chunk| {
+                let chunk = chunk?;
+                let id = hash(&chunk);
+                let size = chunk.len() as u64;
 
-            if !self.index.has_data(&DataId::from(id)) {
-                self.data_packer.add(chunk.into(), BlobId::from(id))?;
-            }
-            p.inc(size);
-            Ok((DataId::from(id), size))
-        })
-        .collect::<RusticResult<_>>()?;
+                if !self.index.has_data(&DataId::from(id)) {
+                    self.data_packer.add(chunk.into(), BlobId::from(id))?;
+                }
+                p.inc(size);
+                Ok((DataId::from(id), size))
+            })
+            .collect::<RusticResult<_>>()?;
 
         let filesize = chunks.iter().map(|x| x.1).sum();
         let content = chunks.into_iter().map(|x| x.0).collect();

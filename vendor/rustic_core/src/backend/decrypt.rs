@@ -1,9 +1,12 @@
-use std::{num::NonZeroU32, sync::Arc};
+use std::{cell::RefCell, io, num::NonZeroU32, sync::Arc};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, bounded};
 use rayon::{prelude::*, spawn};
-use zstd::stream::{copy_encode, decode_all, encode_all};
+use zstd::stream::{
+    decode_all,
+    raw::{Encoder, InBuffer, Operation, OutBuffer},
+};
 
 pub use zstd::compression_level_range;
 
@@ -375,6 +378,65 @@ pub trait DecryptWriteBackend: WriteBackend + Clone + 'static {
     fn set_extra_verify(&mut self, extra_check: bool);
 }
 
+/// Compresses `data` into `out` (appended) exactly as `zstd::stream::copy_encode(data, out, level)`
+/// does, with a zstd context kept per thread.
+///
+/// shmback patch (docs/upstream/0006-zstd-context-reuse.md): `encode_all`/`copy_encode` create,
+/// clear and free a compression context (several MiB of tables at level 3) for every blob, ~10 %
+/// of the CPU of a backup of many small files. The context is reset between blobs
+/// (`ZSTD_CCtx_reset(session_only)`: its parameters stay, no state carries over) and fed the same
+/// way as `copy_encode` feeds it (streaming, no pledged size, then `ZSTD_e_end`), so the frame is
+/// byte for byte the one upstream writes.
+///
+/// # Errors
+///
+/// * If zstd fails to create the context or to compress.
+fn zstd_encode(data: &[u8], level: i32, out: &mut Vec<u8>) -> io::Result<()> {
+    thread_local! {
+        static ENCODER: RefCell<Option<(i32, Encoder<'static>)>> = const { RefCell::new(None) };
+    }
+    ENCODER.with(|slot| {
+        // Taken out while in use: an error drops the context, the next blob gets a fresh one.
+        let taken = slot.borrow_mut().take();
+        let mut encoder = match taken {
+            Some((l, mut encoder)) if l == level => {
+                encoder.reinit()?;
+                encoder
+            }
+            _ => Encoder::new(level)?,
+        };
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let mut input = InBuffer::around(data);
+        while input.pos() < data.len() {
+            if out.len() == out.capacity() {
+                out.reserve(zstd::zstd_safe::CCtx::out_size());
+            }
+            let pos = out.len();
+            let mut output = OutBuffer::around_pos(out, pos);
+            _ = encoder.run(&mut input, &mut output)?;
+        }
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(zstd::zstd_safe::CCtx::out_size());
+            }
+            let pos = out.len();
+            let mut output = OutBuffer::around_pos(out, pos);
+            if encoder.finish(&mut output, true)? == 0 {
+                break;
+            }
+        }
+        *slot.borrow_mut() = Some((level, encoder));
+        Ok(())
+    })
+}
+
+/// [`zstd_encode`] into a new buffer, as `zstd::stream::encode_all(data, level)`.
+fn zstd_encode_all(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    zstd_encode(data, level, &mut out)?;
+    Ok(out)
+}
+
 /// A backend that can decrypt data.
 ///
 /// # Type Parameters
@@ -443,7 +505,7 @@ impl<C: CryptoKey> DecryptBackend<C> {
         let data_encrypted = match self.zstd {
             Some(level) => {
                 let mut out = vec![2_u8];
-                copy_encode(data, &mut out, level).map_err(|err| {
+                zstd_encode(data, level, &mut out).map_err(|err| {
                     RusticError::with_source(
                         ErrorKind::Internal,
                         "Compressing and appending data failed. The data may be corrupted.",
@@ -491,7 +553,7 @@ impl<C: CryptoKey> DecryptBackend<C> {
             // compress if requested
             Some(level) => (
                 self.key
-                    .encrypt_data(&encode_all(data, level).map_err(|err| {
+                    .encrypt_data(&zstd_encode_all(data, level).map_err(|err| {
                         RusticError::with_source(
                             ErrorKind::Internal,
                             "Failed to encode zstd compressed data. The data may be corrupted.",
