@@ -106,6 +106,8 @@ const RUN_EXAMPLES: &str = "Examples:
   # Restore /var/lib/app from what was sent as /data, from snapshots tagged db only:
   shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app";
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new repository.

@@ -15,7 +15,6 @@
 //! the serving side only send it events.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +32,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::RepositoryConfig;
 use crate::restore_if_empty::{RestoreIfEmpty, SnapshotFilter, restore_if_empty};
-use crate::serve::{BatchOutcome, ServeOptions, serve_all};
 
 /// What to supervise, and what to prepare before it starts.
 #[derive(Clone, Debug)]
