@@ -356,12 +356,12 @@ fn the_daemon_serves_http_and_a_segment_together_and_refuses_a_port_in_use() {
 
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let log = dir.path().join("log");
-    let mut d = daemon(&repo, &seg, &["--listen", &free.to_string()], &log);
+    let mut d = Reaped(daemon(&repo, &seg, &["--listen", &free.to_string()], &log));
     wait_for_log(&log, "listening for batches over HTTP");
     wait_for(&seg);
     let a = push(free, None, "web", &batch_body(1, &files()), 1 << 16);
     assert_eq!(a.status, 200, "{a:?}");
     good_batch(&seg, "from-the-ring").unwrap();
-    assert!(terminate(&mut d).success());
+    assert!(terminate(&mut d.0).success());
     assert_eq!(snapshot_count(&repo), 2);
 }

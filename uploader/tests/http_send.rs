@@ -87,27 +87,29 @@ fn shmback_send_to_waits_for_the_uploader_and_resends_after_it_was_killed_mid_bo
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     // The producer starts first: nobody listens yet; it keeps trying.
-    let mut send = sender(&["--to", &url, "--wait-durable", "--timeout", "180", src.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut send = Reaped(
+        sender(&["--to", &url, "--wait-durable", "--timeout", "180", src.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let log1 = dir.path().join("up1.log");
-    let mut up = uploader(&repo, &["--listen", &format!("127.0.0.1:{port}")], &log1);
+    let mut up = Reaped(uploader(&repo, &["--listen", &format!("127.0.0.1:{port}")], &log1));
     // Killed once the batch's data is flowing: no snapshot from this one.
     wait_for_log(&log1, "batch started");
-    up.kill().unwrap();
-    up.wait().unwrap();
+    up.0.kill().unwrap();
+    up.0.wait().unwrap();
     let first = std::fs::read_to_string(&log1).unwrap();
     assert!(!first.contains("batch stored"), "the batch finished before the kill; the test proves nothing:\n{first}");
     let log2 = dir.path().join("up2.log");
-    let mut up = uploader(&repo, &["--listen", &format!("127.0.0.1:{port}")], &log2);
-    let out = wait_exit(&mut send);
+    let mut up = Reaped(uploader(&repo, &["--listen", &format!("127.0.0.1:{port}")], &log2));
+    let out = wait_exit(&mut send.0);
     assert!(out.status.success(), "shmback-send: {}", text(&out));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     let id = said.rsplit("snapshot ").next().unwrap().trim().to_string();
     assert_eq!(id.len(), 64, "{said}");
-    assert!(terminate(&mut up).success());
+    assert!(terminate(&mut up.0).success());
     let snaps = shmback_pw(&repo, &["snapshots", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&snaps.stdout).unwrap();
     assert_eq!(list.len(), 1, "one snapshot, from the resent body");
@@ -120,33 +122,37 @@ fn run_pull_fetches_a_batch_from_shmback_send_serve_and_tells_it_the_outcome() {
     let (dir, repo) = fresh_repo();
     let src = tree(dir.path(), 3 << 20);
     let port = free_port();
-    let mut serve = sender(&["--serve", &format!("127.0.0.1:{port}"), "--once", src.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = Reaped(
+        sender(&["--serve", &format!("127.0.0.1:{port}"), "--once", src.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let log = dir.path().join("up.log");
-    let mut up = uploader(&repo, &["--pull", &format!("http://127.0.0.1:{port}"), "--pull-interval", "3600"], &log);
-    let out = wait_exit(&mut serve);
+    let mut up =
+        Reaped(uploader(&repo, &["--pull", &format!("http://127.0.0.1:{port}"), "--pull-interval", "3600"], &log));
+    let out = wait_exit(&mut serve.0);
     assert!(out.status.success(), "shmback-send --serve: {}", text(&out));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains("stored as snapshot"), "{said}");
-    assert!(terminate(&mut up).success());
+    assert!(terminate(&mut up.0).success());
     assert_restored_equal(dir.path(), &repo, &src, "r");
     // A wrong token: the puller says so and stores nothing more.
     let port = free_port();
-    let mut serve = sender(&["--serve", &format!("127.0.0.1:{port}"), src.to_str().unwrap()])
-        .env("SHMBACK_TOKEN", "other")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let serve = Reaped(
+        sender(&["--serve", &format!("127.0.0.1:{port}"), src.to_str().unwrap()])
+            .env("SHMBACK_TOKEN", "other")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let log = dir.path().join("up2.log");
-    let mut up = uploader(&repo, &["--pull", &format!("http://127.0.0.1:{port}")], &log);
+    let mut up = Reaped(uploader(&repo, &["--pull", &format!("http://127.0.0.1:{port}")], &log));
     wait_for_log(&log, "refused the token");
-    assert!(terminate(&mut up).success());
-    serve.kill().unwrap();
-    serve.wait().unwrap();
+    assert!(terminate(&mut up.0).success());
+    drop(serve);
     let snaps = shmback_pw(&repo, &["snapshots", "--json"]);
     assert_eq!(serde_json::from_slice::<Vec<serde_json::Value>>(&snaps.stdout).unwrap().len(), 1);
 }
