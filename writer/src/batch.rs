@@ -154,7 +154,8 @@ impl<'o> Batch<'o> {
 
     /// Adds the directory `dir` at snapshot path `prefix` and everything below it: directories,
     /// regular files, symlinks (as links, never followed). Sockets, devices and FIFOs are skipped
-    /// and listed in [`Batch::skipped`]. An empty `prefix` puts the contents at the snapshot root.
+    /// and listed in [`Batch::skipped`], and so is the content of a directory below `dir` that this
+    /// user may not read (it is stored empty). An empty `prefix` puts the contents at the snapshot root.
     pub fn add_dir(&mut self, prefix: impl AsRef<[u8]>, dir: impl AsRef<Path>) -> Result<(), WriteError> {
         let dir = dir.as_ref();
         let prefix = prefix.as_ref();
@@ -195,8 +196,18 @@ impl<'o> Batch<'o> {
                 Some(entry) => {
                     let is_dir = entry.kind == EntryKind::Dir;
                     self.entries.add(&snap, entry)?;
-                    if is_dir {
-                        self.walk(walk, &snap, &fs_path)?;
+                    if !is_dir {
+                        continue;
+                    }
+                    // A directory below the one asked for that this user may not read (a
+                    // volume's root-only `lost+found`, say) is kept, empty, and listed in
+                    // `skipped`, as sockets are: one unreadable corner must not stop every backup.
+                    match std::fs::read_dir(&fs_path) {
+                        Err(e) if e.kind() == ErrorKind::PermissionDenied => self.skipped.push((
+                            fs_path,
+                            "directory not readable by this user (permission denied): stored empty".to_string(),
+                        )),
+                        _ => self.walk(walk, &snap, &fs_path)?,
                     }
                 }
                 None => {

@@ -379,3 +379,51 @@ fn a_stream_already_read_is_not_sent_twice() {
     assert!(err.to_string().contains("run the producer again"), "{err}");
     assert_eq!(uploader.join().unwrap().len(), 1);
 }
+
+#[test]
+fn a_subdirectory_the_sender_may_not_read_is_stored_empty_and_named() {
+    // A volume's root-only `lost+found`, met by a producer that does not run as root. As root
+    // (CI) the sender runs as `nobody` through setpriv; otherwise the directory is made
+    // unreadable to its owner.
+    let uid = std::fs::read_to_string("/proc/self/status").unwrap();
+    let root = uid.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("lost+found")).unwrap();
+    std::fs::write(data.join("lost+found/#12"), "orphan").unwrap();
+    std::fs::write(data.join("app.db"), "rows").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (p, mode) in [
+        (dir.path(), 0o755),
+        (&data, 0o755),
+        (&data.join("app.db"), 0o644),
+        (&data.join("lost+found"), if root { 0o700 } else { 0 }),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (url, uploader) = stand_in(vec![Act::Store]);
+    let mut send = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_shmback-send")]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_shmback-send"))
+    };
+    let out = send
+        .args(["--to", &url, "--wait-durable", "--producer", "cli"])
+        .arg(&data)
+        .env("SHMBACK_TOKEN", TOKEN)
+        .env_remove("SHMBACK_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("lost+found") && stderr.contains("not readable"), "{stderr}");
+    let got = uploader.join().unwrap();
+    let prefix = data.strip_prefix("/").unwrap().to_str().unwrap();
+    assert_eq!(got[0].file(&format!("{prefix}/app.db")), b"rows");
+    let paths: Vec<String> = got[0].entries.iter().map(|e| String::from_utf8_lossy(&e.path).into_owned()).collect();
+    assert!(paths.contains(&format!("{prefix}/lost+found")), "{paths:?}");
+    assert!(!paths.iter().any(|p| p.contains("#12")), "{paths:?}");
+    std::fs::set_permissions(data.join("lost+found"), std::fs::Permissions::from_mode(0o700)).unwrap();
+}
