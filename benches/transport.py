@@ -37,6 +37,7 @@ gzip-compressed, a few symlinks) plus large incompressible files; ~310 MB by def
 import argparse
 import gzip
 import hashlib
+import collections
 import json
 import os
 import random
@@ -62,6 +63,10 @@ PASSWORD = "transport-bench"
 TIMEOUT = 900  # seconds any one step may take before the benchmark gives up on it
 NAMES = {"r": "(r) ring, same host", "h": "(h) HTTP push", "p": "(p) HTTP pull",
          "t": "(t) tar over TCP → staging on disk → restic backup"}
+
+
+# One finished process: wall seconds, peak RSS bytes, bytes written to block storage, CPU seconds.
+Done = collections.namedtuple("Done", "t rss written cpu")
 
 
 class Failure(Exception):
@@ -169,11 +174,11 @@ class Timed:
         self.stats = tempfile.NamedTemporaryFile(mode="r", prefix="tbench-time-")
         self.err = tempfile.TemporaryFile(prefix="tbench-err-")
         self.t0 = time.perf_counter()
-        self.p = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M %O", "-o", self.stats.name] + cmd,
+        self.p = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M %O %U %S", "-o", self.stats.name] + cmd,
                                   env=env, stdin=stdin, stdout=stdout, stderr=self.err, cwd=cwd)
 
     def wait(self, timeout=TIMEOUT):
-        """(seconds, peak RSS bytes, bytes written); raises Failure on a non-zero exit."""
+        """A `Done`; raises Failure on a non-zero exit."""
         try:
             self.p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -185,8 +190,8 @@ class Timed:
             self.err.seek(0)
             raise Failure(f"{' '.join(self.cmd)} failed (exit {self.p.returncode}):\n"
                           f"{self.err.read().decode(errors='replace')[-4000:]}")
-        rss_kib, out_blocks = self.stats.read().split()[-2:]
-        return elapsed, int(rss_kib) * 1024, int(out_blocks) * 512
+        rss_kib, out_blocks, user, system = self.stats.read().split()[-4:]
+        return Done(elapsed, int(rss_kib) * 1024, int(out_blocks) * 512, float(user) + float(system))
 
     def kill(self):
         if self.p.poll() is None:
@@ -229,6 +234,12 @@ class Daemon:
         while not self.stopped:
             self.peak_scratch = max(self.peak_scratch, tree_bytes(self.scratch))
             time.sleep(0.05)
+
+    def cpu(self):
+        """CPU seconds (user + system) it has used so far."""
+        with open(f"/proc/{self.p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def alive(self):
         if self.p.poll() is not None:
@@ -309,10 +320,12 @@ def variant_r(work, disk, corpus, env):
     res = {"rss": {}}
     try:
         for phase in ("first", "rerun"):
-            t, rss, _ = run([SEND, "--segment", seg, "--wait-durable", "--timeout", str(TIMEOUT), corpus], e)
+            cpu0 = up.cpu()
+            d = run([SEND, "--segment", seg, "--wait-durable", "--timeout", str(TIMEOUT), corpus], e)
             up.alive()
-            res[phase] = t
-            res["rss"]["shmback-send"] = max(res["rss"].get("shmback-send", 0), rss)
+            res[phase] = d.t
+            res["cpu_" + phase] = {"shmback-send": d.cpu, "shmback run": up.cpu() - cpu0}
+            res["rss"]["shmback-send"] = max(res["rss"].get("shmback-send", 0), d.rss)
         res["rss"]["shmback run"], res["written"], res["staging"] = up.stop()
     finally:
         up.kill()
@@ -328,11 +341,12 @@ def variant_h(work, disk, corpus, env):
     res = {"rss": {}}
     try:
         for phase in ("first", "rerun"):
-            t, rss, _ = run([SEND, "--to", f"http://127.0.0.1:{port}", "--wait-durable",
-                             "--timeout", str(TIMEOUT), corpus], e)
+            cpu0 = up.cpu()
+            d = run([SEND, "--to", f"http://127.0.0.1:{port}", "--wait-durable", "--timeout", str(TIMEOUT), corpus], e)
             up.alive()
-            res[phase] = t
-            res["rss"]["shmback-send"] = max(res["rss"].get("shmback-send", 0), rss)
+            res[phase] = d.t
+            res["cpu_" + phase] = {"shmback-send": d.cpu, "shmback run": up.cpu() - cpu0}
+            res["rss"]["shmback-send"] = max(res["rss"].get("shmback-send", 0), d.rss)
         res["rss"]["shmback run"], res["written"], res["staging"] = up.stop()
     finally:
         up.kill()
@@ -352,14 +366,16 @@ def variant_p(work, disk, corpus, env):
             up = Daemon(["--pull", f"http://127.0.0.1:{port}"], e, os.path.join(disk, f"uploader-{phase}"),
                         ready="pulling batches")
             res[phase + "_startup"] = time.perf_counter() - producer.t0
-            t, rss, _ = producer.wait()
+            d = producer.wait()
+            up_cpu = up.cpu()
             up_rss, written, staged = up.stop()
         finally:
             producer.kill()
             if up:
                 up.kill()
-        res[phase] = t
-        for name, v in (("shmback-send --serve", rss), ("shmback run", up_rss)):
+        res[phase] = d.t
+        res["cpu_" + phase] = {"shmback-send --serve": d.cpu, "shmback run": up_cpu}
+        for name, v in (("shmback-send --serve", d.rss), ("shmback run", up_rss)):
             res["rss"][name] = max(res["rss"].get(name, 0), v)
         res["written"] += written
         res["staging"] = max(res["staging"], staged)
@@ -385,18 +401,19 @@ def variant_t(work, disk, corpus, env):
             dst = Timed(["tar", "-x", "-f", "-", "-C", staging], e, stdin=conn.fileno())
             conn.close()
         try:
-            _, rss_c, _ = src.wait()
-            _, rss_x, written = dst.wait()
+            dc = src.wait()
+            dx = dst.wait()
         finally:
             src.kill()
             dst.kill()
         t_copy = time.perf_counter() - t0
-        t_bk, rss_b, written_b = run(["restic", "backup", "--quiet", os.path.join(staging, name)], e)
-        res[phase] = t_copy + t_bk
+        db = run(["restic", "backup", "--quiet", os.path.join(staging, name)], e)
+        res[phase] = t_copy + db.t
         res[phase + "_copy"] = t_copy
-        for k, v in (("tar -c", rss_c), ("tar -x", rss_x), ("restic backup", rss_b)):
+        res["cpu_" + phase] = {"tar -c": dc.cpu, "tar -x": dx.cpu, "restic backup": db.cpu}
+        for k, v in (("tar -c", dc.rss), ("tar -x", dx.rss), ("restic backup", db.rss)):
             res["rss"][k] = max(res["rss"].get(k, 0), v)
-        res["written"] += written + written_b
+        res["written"] += dx.written + db.written
         res["staging"] = max(res["staging"], tree_bytes(staging) + tree_bytes(e["TMPDIR"]))
     # Flush the staging writes now, outside any timing, so the next variant is not charged for
     # their writeback.
@@ -443,8 +460,9 @@ def main():
     ap.add_argument("--big-mib", type=int, default=256, help="MiB of large incompressible files")
     ap.add_argument("--runs", type=int, default=3, help="rounds (each runs every variant, first + re-run)")
     ap.add_argument("--only", default="rhpt", help="variants to run, e.g. `ht` (t is the baseline)")
-    ap.add_argument("--staging-dir", default=tempfile.gettempdir(),
-                    help="a directory on disk (not tmpfs) for (t)'s staging and the uploaders' working dirs")
+    ap.add_argument("--staging-dir", default=None,
+                    help="a directory on disk (not tmpfs) for (t)'s staging and the uploaders' working dirs "
+                         "(default: the temporary directory, else /var/tmp)")
     ap.add_argument("--quick", action="store_true",
                     help="~20 MB corpus, one round, plus a restore check of (h) and (p) (CI)")
     ap.add_argument("--json", default=os.path.join(ROOT, "target", "transport.json"), help="raw figures")
@@ -461,7 +479,14 @@ def main():
     for tool, pkg in (("restic", "restic"), ("/usr/bin/time", "time"), ("tar", "tar")):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install -y {pkg}")
-    if fs_type(args.staging_dir) in ("tmpfs", "ramfs"):
+    if args.staging_dir is None:
+        # /var/tmp is on disk where /tmp is tmpfs.
+        args.staging_dir = next((d for d in (tempfile.gettempdir(), "/var/tmp") if fs_type(d) not in ("tmpfs", "ramfs")),
+                                tempfile.gettempdir())
+    if fs_type(args.staging_dir) in ("tmpfs", "ramfs") and args.quick:
+        print(f"warning: --staging-dir {args.staging_dir} is {fs_type(args.staging_dir)}, not a disk: fine for "
+              "checking that every variant works, not for figures", file=sys.stderr)
+    elif fs_type(args.staging_dir) in ("tmpfs", "ramfs"):
         sys.exit(f"--staging-dir {args.staging_dir} is {fs_type(args.staging_dir)}: staging must be on disk, "
                  "as a backup service's volume is (pick a directory on a disk)")
     env = {k: v for k, v in os.environ.items()
@@ -544,6 +569,13 @@ def report(results, keys, size):
         up2 = statistics.median(x["rerun_startup"] for x in results["p"])
         print(f"(p): the uploader's start (repository opened, until it pulls) took {up1:.2f} s of its first run, "
               f"{up2:.2f} s of its re-run")
+    print("\nCPU seconds per process (median over rounds), first run / re-run:")
+    for k in keys:
+        procs = results[k][0]["cpu_first"].keys()
+        cpu = {p: [statistics.median(x["cpu_" + ph][p] for x in results[k]) for ph in ("first", "rerun")]
+               for p in procs}
+        print(f"  {NAMES[k]}: " + ", ".join(f"{p} {a:.2f} / {b:.2f}" for p, (a, b) in cpu.items())
+              + f"; total {sum(a for a, _ in cpu.values()):.2f} / {sum(b for _, b in cpu.values()):.2f}")
     for k in keys:
         print(f"{NAMES[k]} per round: first " + "/".join(f"{x['first']:.2f}" for x in results[k])
               + " s, re-run " + "/".join(f"{x['rerun']:.2f}" for x in results[k]) + " s")
