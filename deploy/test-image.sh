@@ -134,7 +134,7 @@ app_ns=$(echo "$app_out" | sed -n 's/^ns \([^ ]*\) .*/\1/p')
 echo "uploader: PID 1 is $up_pid1 in $up_ns; app: $app_ns"
 test "$up_pid1" = shmback
 test -n "$app_ns" && test "$app_ns" != "$up_ns" && test "$app_ns" != "$(readlink /proc/self/ns/pid)"
-echo "$app_out" | grep -q ' uid 10002 gid 10001 '
+grep -q ' uid 10002 gid 10001 ' <<< "$app_out"
 snapshot=$(echo "$app_out" | sed -n 's/.*stored as snapshot \([0-9a-f]\{64\}\)$/\1/p')
 test -n "$snapshot" || { echo "shmback-send --wait-durable printed no snapshot id" >&2; exit 1; }
 podman stop -t 30 shmback-ci-up-$$ >/dev/null
