@@ -534,6 +534,8 @@ def main():
     load1 = os.getloadavg()
 
     print()
+    if args.quick:
+        print("--quick: a check that every variant works; its figures (small corpus, one round) are not results\n")
     report(results, keys, size)
     print(f"\nload average (1 min) {load0[0]:.1f} at start, {load1[0]:.1f} at end, on {os.cpu_count()} CPUs")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
