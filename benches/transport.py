@@ -55,8 +55,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Release binaries; SHMBACK_BIN_DIR points elsewhere (CI's --quick run checks the script with the
 # test build's binaries; figures come from release builds only).
-BIN_DIR = os.environ.get("SHMBACK_BIN_DIR") or os.path.join(
-    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+# Absolute: the daemons run in their own scratch directories (CI passes target/debug).
+BIN_DIR = os.path.abspath(os.environ.get("SHMBACK_BIN_DIR") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release"))
 SHMBACK = os.path.join(BIN_DIR, "shmback")
 SEND = os.path.join(BIN_DIR, "shmback-send")
 PASSWORD = "transport-bench"
