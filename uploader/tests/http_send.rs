@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -67,17 +67,14 @@ fn assert_restored_equal(dir: &Path, repo: &str, src: &Path, name: &str) {
     assert!(d.status.success(), "restore differs: {}", text(&d));
 }
 
-fn wait_exit(child: &mut Child) -> std::process::Output {
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < T * 3, "the process did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits (bounded) for `child` to exit; its status and what it printed on stdout.
+fn exited(child: &mut Child) -> std::process::Output {
+    let status = wait_exit(child, T * 3, || "the process did not exit".into());
     let mut out = String::new();
     if let Some(mut s) = child.stdout.take() {
         std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     }
-    std::process::Output { status: child.wait().unwrap(), stdout: out.into_bytes(), stderr: vec![] }
+    std::process::Output { status, stdout: out.into_bytes(), stderr: vec![] }
 }
 
 #[test]
@@ -104,7 +101,7 @@ fn shmback_send_to_waits_for_the_uploader_and_resends_after_it_was_killed_mid_bo
     assert!(!first.contains("batch stored"), "the batch finished before the kill; the test proves nothing:\n{first}");
     let log2 = dir.path().join("up2.log");
     let mut up = Reaped(uploader(&repo, &["--listen", &format!("127.0.0.1:{port}")], &log2));
-    let out = wait_exit(&mut send.0);
+    let out = exited(&mut send.0);
     assert!(out.status.success(), "shmback-send: {}", text(&out));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     let id = said.rsplit("snapshot ").next().unwrap().trim().to_string();
@@ -132,7 +129,7 @@ fn run_pull_fetches_a_batch_from_shmback_send_serve_and_tells_it_the_outcome() {
     let log = dir.path().join("up.log");
     let mut up =
         Reaped(uploader(&repo, &["--pull", &format!("http://127.0.0.1:{port}"), "--pull-interval", "3600"], &log));
-    let out = wait_exit(&mut serve.0);
+    let out = exited(&mut serve.0);
     assert!(out.status.success(), "shmback-send --serve: {}", text(&out));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains("stored as snapshot"), "{said}");

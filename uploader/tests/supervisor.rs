@@ -9,11 +9,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
 
 use common::{
-    PW, T, cfg, daemon, fresh_repo, good_batch, noise, send_batches, shm_dir, stalled_producer, terminate, wait_for,
-    wait_for_log,
+    PW, T, cfg, daemon, fresh_repo, good_batch, noise, send_batches, shm_dir, stalled_producer, terminate, wait_exit,
+    wait_for, wait_for_log,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -22,18 +21,8 @@ use shmback_uploader::commands::{check, snapshots};
 use shmback_writer::WriteError;
 
 /// Waits (bounded) for `child` to exit by itself.
-fn wait_exit(child: &mut Child, log: &Path) -> ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t.elapsed() > T {
-            child.kill().unwrap();
-            panic!("shmback did not exit:\n{}", read(log));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for_exit(child: &mut Child, log: &Path) -> ExitStatus {
+    wait_exit(child, T, || format!("shmback did not exit:\n{}", read(log)))
 }
 
 fn read(path: &Path) -> String {
@@ -65,7 +54,7 @@ fn the_apps_exit_status_passes_through() {
         ("kill -s USR1 $$", 138, "the app was killed by SIGUSR1 (status 138)"),
     ] {
         let mut child = supervised(&loc, &seg, &[], script, work.path(), &log);
-        let got = wait_exit(&mut child, &log);
+        let got = wait_for_exit(&mut child, &log);
         assert_eq!(got.code(), Some(status), "{script}:\n{}", read(&log));
         assert!(read(&log).contains(says), "{script}: the log says how the app ended:\n{}", read(&log));
     }
@@ -89,7 +78,7 @@ fn the_app_starts_once_its_segment_is_served() {
     // The segment the app found is served while it runs.
     good_batch(&seg, "sent while the app runs").expect("a batch stored while the app runs");
     std::fs::write(work.path().join("done"), "").unwrap();
-    let got = wait_exit(&mut child, &log);
+    let got = wait_for_exit(&mut child, &log);
     assert_eq!(got.code(), Some(7), "{}", read(&log));
     assert_eq!(snapshots(&cfg(&loc)).unwrap().len(), 1);
 }
@@ -156,7 +145,7 @@ fn a_failing_repository_stops_the_app_and_shmback_exits_with_the_error() {
     std::fs::write(Path::new(&loc).join("index").join("ab".repeat(32)), "not an index").unwrap();
     let got = good_batch(&seg, "x");
     assert!(matches!(got, Err(WriteError::Rejected { code: RejectCode::StorageFailed, .. })), "{got:?}");
-    let status = wait_exit(&mut child, &log);
+    let status = wait_for_exit(&mut child, &log);
     assert!(work.path().join("got-term").exists(), "the app got SIGTERM:\n{}", read(&log));
     assert_eq!(status.code(), Some(1), "{}", read(&log));
     let log = read(&log);
@@ -198,7 +187,7 @@ exit 0"#;
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("running unshare (util-linux)");
-    let status = wait_exit(&mut child, &log);
+    let status = wait_for_exit(&mut child, &log);
     assert_eq!(status.code(), Some(0), "{}", read(&log));
     assert!(work.path().join("go").exists(), "the orphan was made and let go:\n{}", read(&log));
 }
@@ -266,7 +255,7 @@ fn empty_directories_are_restored_before_the_app_starts_and_full_ones_left_alone
     // The app sees the data when it starts.
     let script = "test -f \"$1/data/sub/b.bin\" && test -f \"$1/fresh/dir/c.txt\" || exit 50";
     let mut child = supervised(&loc, &seg, &args, script, work.path(), &log);
-    let status = wait_exit(&mut child, &log);
+    let status = wait_for_exit(&mut child, &log);
     assert_eq!(status.code(), Some(0), "{}", read(&log));
 
     assert_eq!(
@@ -291,7 +280,7 @@ fn on_an_empty_repository_the_app_starts_with_nothing_restored() {
     let log = work.path().join("log");
     let spec = data.display().to_string();
     let mut child = supervised(&loc, &seg, &["--restore-if-empty", &spec], "echo > \"$1/started\"", work.path(), &log);
-    let status = wait_exit(&mut child, &log);
+    let status = wait_for_exit(&mut child, &log);
     assert_eq!(status.code(), Some(0), "{}", read(&log));
     assert!(work.path().join("started").exists(), "the app was started");
     assert!(read(&log).contains("nothing to restore: the repository has no snapshot"), "{}", read(&log));
@@ -308,7 +297,7 @@ fn a_restore_that_cannot_be_done_keeps_the_app_from_starting() {
     let log = work.path().join("log");
     let spec = data.display().to_string();
     let mut child = supervised(&loc, &seg, &["--restore-if-empty", &spec], "echo > \"$1/started\"", work.path(), &log);
-    let status = wait_exit(&mut child, &log);
+    let status = wait_for_exit(&mut child, &log);
     assert_eq!(status.code(), Some(1), "{}", read(&log));
     assert!(!work.path().join("started").exists(), "the app was not started");
     assert!(!seg.exists(), "nothing was served either");

@@ -141,6 +141,18 @@ pub fn without_empty_backtraces(text: &str) -> String {
     out.join("\n")
 }
 
+/// `e` with every cause after it (`a: b: c`): reqwest's and hyper's own messages leave out the one
+/// that says what happened (e.g. "connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

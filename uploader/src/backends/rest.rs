@@ -103,12 +103,7 @@ fn preflight(config: &RestConfig) -> anyhow::Result<()> {
 
 /// A request that got no answer, classified: TLS, or no connection.
 fn request_failure(shown: &str, e: &reqwest::Error) -> BackendError {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
+    let text = super::failure::error_chain(e);
     let lower = text.to_lowercase();
     if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
         return BackendError::msg(

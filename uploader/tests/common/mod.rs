@@ -315,14 +315,20 @@ pub fn wait_for_log(log: &Path, what: &str) {
 /// Sends SIGTERM to `child` and waits (bounded) for it to exit; returns its status.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_exit(child, T, || "the uploader did not exit after SIGTERM".into())
+}
+
+/// Waits at most `limit` for `child` to exit; past that it is killed and the test fails with
+/// `why()`.
+pub fn wait_exit(child: &mut Child, limit: Duration, why: impl FnOnce() -> String) -> std::process::ExitStatus {
     let t = Instant::now();
     loop {
         if let Some(s) = child.try_wait().unwrap() {
             return s;
         }
-        if t.elapsed() > T {
+        if t.elapsed() > limit {
             child.kill().unwrap();
-            panic!("the uploader did not exit after SIGTERM");
+            panic!("{}", why());
         }
         std::thread::sleep(Duration::from_millis(50));
     }

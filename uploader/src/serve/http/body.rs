@@ -82,6 +82,9 @@ impl BodySource {
         let position = self.assembler.position();
         match self.assembler.peek() {
             Ok(Some((kind, payload))) => {
+                // The seq is BEGIN's first field, read even from a BEGIN the codec refuses
+                // (bad labels): its rejection then names the batch, as the ring's recorded
+                // `begun_seq` does.
                 if kind == FrameKind::Begin as u8 {
                     self.begun = payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
                 }

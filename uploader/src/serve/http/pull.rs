@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::reply::Reply;
 use super::{Bodies, HttpOptions, OnBatch};
+use crate::backends::failure::error_chain;
 use crate::config::RepositoryConfig;
 use crate::serve::options::ServeOptions;
 
@@ -88,7 +89,7 @@ async fn pull_once(
     if let Some(t) = token {
         request = request.bearer_auth(t);
     }
-    let mut response = request.send().await.map_err(|e| format!("cannot reach the producer: {}", chain(&e)))?;
+    let mut response = request.send().await.map_err(|e| format!("cannot reach the producer: {}", error_chain(&e)))?;
     match response.status().as_u16() {
         200 => {}
         401 => {
@@ -162,17 +163,4 @@ async fn post_outcome(client: &reqwest::Client, base: &str, token: Option<&str>,
         Ok(r) => warn!(url = %base, status = r.status().as_u16(), "the producer did not take the batch's outcome"),
         Err(e) => warn!(url = %base, "could not tell the producer the batch's outcome: {e}"),
     }
-}
-
-/// An error with its causes (reqwest's own message leaves out the one that matters, e.g.
-/// "connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
