@@ -14,6 +14,7 @@ pub mod backends;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod progress;
 pub mod repository;
 pub mod restore_if_empty;
