@@ -19,6 +19,7 @@ use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::hooks::{HOOK_EXAMPLES, HookArgs, Hooks};
 use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
 use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
 use shmback_uploader::supervise::{Supervise, supervise};
@@ -75,6 +76,10 @@ struct Cli {
     /// once), when-required.
     #[arg(long, global = true, env = "SHMBACK_S3_CHECKSUMS", value_enum, default_value_t = Checksums::Auto)]
     s3_checksums: Checksums,
+    /// Log format on stderr: text (colours only at a terminal) or json (one object per line:
+    /// timestamp, level, fields.message and the other fields, target).
+    #[arg(long, global = true, env = "SHMBACK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -106,6 +111,15 @@ const RUN_EXAMPLES: &str = "Examples:
   # Restore /var/lib/app from what was sent as /data, from snapshots tagged db only:
   shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app";
 
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 // Parsed once per process: the size of the largest variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
@@ -132,7 +146,7 @@ enum Cmd {
     /// SIGTERM, APP gets --grace to exit (then SIGKILL) while serving goes on, then the batch in
     /// flight gets --grace: allow twice --grace before the platform's SIGKILL. If serving fails,
     /// APP is stopped and shmback exits with the error. As PID 1 it reaps orphaned processes.
-    #[command(after_help = RUN_EXAMPLES)]
+    #[command(after_help = format!("{RUN_EXAMPLES}\n\n{HOOK_EXAMPLES}"))]
     Run {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
         /// Default /dev/shm/shmback, unless --listen or --pull is given.
@@ -191,6 +205,8 @@ enum Cmd {
         /// --restore-if-empty takes the latest snapshot carrying this tag; repeatable (all of them).
         #[arg(long, value_name = "TAG", requires = "restore_if_empty")]
         restore_tag: Vec<String>,
+        #[command(flatten)]
+        hooks: HookArgs,
         /// The app to supervise and its arguments, after `--`.
         #[arg(last = true, value_name = "APP")]
         app: Vec<OsString>,
@@ -344,7 +360,8 @@ enum RepairCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // OpenDAL's logging layer warns about every failed call, including the expected
@@ -354,11 +371,12 @@ fn main() -> ExitCode {
                         .into()
                 }),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colours for a person at a terminal only: piped into a log, escape codes are noise.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let cli = Cli::parse();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
@@ -369,7 +387,12 @@ fn main() -> ExitCode {
                 Some((kind, None)) => (kind.exit_code(), format!("{e:#}")),
                 None => (1, format!("{e:#}")),
             };
-            eprintln!("shmback: {}", without_empty_backtraces(&message));
+            let message = without_empty_backtraces(&message);
+            match cli.log_format {
+                // A log collector reading JSON lines gets the final error as one of them.
+                LogFormat::Json => tracing::error!(exit_status = code, "{message}"),
+                LogFormat::Text => eprintln!("shmback: {message}"),
+            }
             ExitCode::from(code)
         }
     }
@@ -408,6 +431,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             restore_if_empty,
             restore_host,
             restore_tag,
+            hooks,
             app,
         } => {
             let config = repository_config(cli)?;
@@ -437,7 +461,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             // Bound first: a port in use fails before anything is served (or APP started).
             let listener = listen.map(bind).transpose()?;
-            let transports = Transports { segments, listener, pull: pull.clone(), every: *pull_interval, http };
+            let hooks = Arc::new(Hooks::new(hooks, &opts.host)?);
+            let transports = Transports {
+                segments,
+                listener,
+                pull: pull.clone(),
+                every: *pull_interval,
+                http,
+                hooks: hooks.clone(),
+            };
             if !app.is_empty() {
                 let sup = Supervise {
                     app: app.clone(),
@@ -445,13 +477,17 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     restore: restore_if_empty.clone(),
                     filter: SnapshotFilter { host: restore_host.clone(), tags: restore_tag.clone() },
                 };
-                let ended = supervise(&config, &sup, |stop, ready| transports.serve(&config, &opts, stop, ready))?;
+                let ended = supervise(&config, &sup, |stop, ready| transports.serve(&config, &opts, stop, ready));
+                hooks.finish(NOTIFY_GRACE);
+                let ended = ended?;
                 return Ok(ended.map_or(ExitCode::SUCCESS, |how| ExitCode::from(how.status())));
             }
             let stop = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-            transports.serve(&config, &opts, &stop, Box::new(|| {}))?;
+            let served = transports.serve(&config, &opts, &stop, Box::new(|| {}));
+            hooks.finish(NOTIFY_GRACE);
+            served?;
         }
         Cmd::Snapshots { json } => {
             let config = repository_config(cli)?;
@@ -528,6 +564,10 @@ fn print_outcome(from: &str, o: &BatchOutcome) {
     }
 }
 
+/// How long `shmback run` waits on exit for queued post hooks, pings and webhook calls (the
+/// batch in flight has had --grace already; this stays well within a platform's kill delay).
+const NOTIFY_GRACE: Duration = Duration::from_secs(5);
+
 /// What `shmback run` serves: segments, batches pushed to its listener, batches it pulls.
 struct Transports {
     segments: Vec<PathBuf>,
@@ -536,6 +576,8 @@ struct Transports {
     /// Seconds between pulls.
     every: u64,
     http: HttpOptions,
+    /// Post hook, pings and webhook of each settled batch.
+    hooks: Arc<Hooks>,
 }
 
 impl Transports {
@@ -548,8 +590,15 @@ impl Transports {
         stop: &Arc<AtomicBool>,
         ready: Box<dyn FnOnce() + Send>,
     ) -> anyhow::Result<()> {
-        let Transports { segments, listener, pull, every, http } = self;
-        let on_http: OnBatch = Arc::new(print_outcome);
+        let Transports { segments, listener, pull, every, http, hooks } = self;
+        let settled = {
+            let hooks = hooks.clone();
+            move |from: &str, o: &BatchOutcome| {
+                print_outcome(from, o);
+                hooks.batch(from, o);
+            }
+        };
+        let on_http: OnBatch = Arc::new(settled.clone());
         let failed = |r: anyhow::Result<()>| {
             if r.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -572,7 +621,7 @@ impl Transports {
                 Ok(())
             } else {
                 failed(serve_all(config, &segments, opts, stop, ready, |seg: &Path, o: &BatchOutcome| {
-                    print_outcome(&seg.display().to_string(), o)
+                    settled(&seg.display().to_string(), o)
                 }))
             };
             jobs.into_iter().fold(result, |result, job| {
