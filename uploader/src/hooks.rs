@@ -55,10 +55,11 @@ const HOOK_LINE_MAX: usize = 4096;
 
 /// Examples for `shmback run --help`.
 pub const HOOK_EXAMPLES: &str = "Hooks, pings and webhook (docs/hooks.md):
-  shmback run --pre-hook 'pg_dump -Fc app > /data/app.dump' --post-hook /usr/local/bin/notify
-  SHMBACK_PING_URL=https://hc-ping.com/UUID shmback run        # healthchecks.io: start/success/fail
-  SHMBACK_WEBHOOK_TOKEN=secret shmback run --webhook-url https://hooks.example/backup --webhook-on always
-  shmback run --log-format json                                # one JSON object per log line";
+  shmback run --post-hook 'logger -t shmback \"$SHMBACK_JOB $SHMBACK_RESULT $SHMBACK_ERROR\"'
+  SHMBACK_PING_URL=https://hc-ping.com/UUID shmback run     # healthchecks.io: success/fail
+  SHMBACK_WEBHOOK_TOKEN_FILE=/run/secrets/hook shmback run \\
+      --webhook-url https://hooks.example/backup --webhook-on always
+  shmback run --log-format json                             # one JSON object per log line";
 
 /// When the webhook is called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -72,8 +73,8 @@ pub enum WebhookOn {
 /// The command line of hooks, pings and the webhook (flattened into `shmback run`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct HookArgs {
-    /// Shell command (`sh -c`) run before every job; if it fails (non-zero, or past
-    /// --hook-timeout) the job fails without running.
+    /// Shell command (`sh -c`) run before every scheduled job (batches have none: their producer
+    /// starts them); if it fails (non-zero, or past --hook-timeout) the job fails without running.
     #[arg(long, value_name = "CMD", env = "SHMBACK_PRE_HOOK")]
     pub pre_hook: Option<String>,
     /// Shell command run after every job and every batch, successful or not, with the outcome in
@@ -765,16 +766,26 @@ impl Hooks {
     /// Queues a ping to the ping URL with `suffix` (`start`, `fail`, or none for success).
     fn ping(&self, suffix: Option<&'static str>, body: String) {
         let (Some(base), Some(lane)) = (&self.ping_url, &self.ping_lane) else { return };
-        let mut url = base.clone();
-        if let Some(s) = suffix
-            && let Ok(mut path) = url.path_segments_mut()
-        {
-            path.pop_if_empty().push(s);
-        }
         let mut body = body;
         body.truncate(floor_char_boundary(&body, PING_BODY_MAX));
-        lane.push(Delivery { url, content_type: "text/plain; charset=utf-8", body, token: None });
+        lane.push(Delivery {
+            url: ping_url(base, suffix),
+            content_type: "text/plain; charset=utf-8",
+            body,
+            token: None,
+        });
     }
+}
+
+/// `base` with `suffix` as one more path segment (a trailing `/` and any query kept in place).
+fn ping_url(base: &reqwest::Url, suffix: Option<&str>) -> reqwest::Url {
+    let mut url = base.clone();
+    if let Some(s) = suffix
+        && let Ok(mut path) = url.path_segments_mut()
+    {
+        path.pop_if_empty().push(s);
+    }
+    url
 }
 
 /// `url` parsed, if it is http or https.
@@ -823,6 +834,15 @@ mod tests {
         let s = "é".repeat(10);
         assert_eq!(floor_char_boundary(&s, 5), 4);
         assert_eq!(floor_char_boundary(&s, 100), s.len());
+    }
+
+    #[test]
+    fn ping_suffixes_go_into_the_path() {
+        let url = |u: &str, s| ping_url(&u.parse().unwrap(), s).to_string();
+        assert_eq!(url("https://hc-ping.com/abc", Some("start")), "https://hc-ping.com/abc/start");
+        assert_eq!(url("https://hc-ping.com/abc/", Some("fail")), "https://hc-ping.com/abc/fail");
+        assert_eq!(url("https://hc/ping/key/slug?create=1", Some("fail")), "https://hc/ping/key/slug/fail?create=1");
+        assert_eq!(url("https://hc-ping.com/abc?rid=1", None), "https://hc-ping.com/abc?rid=1");
     }
 
     #[test]
