@@ -315,6 +315,17 @@ pub enum HookError {
         /// The timeout it ran past.
         timeout: Duration,
     },
+    /// Its shell was reaped by another waiter and its status line never came.
+    #[error(
+        "the {hook} hook `{command}` ended, but its exit status is unknown: its shell was reaped by another \
+         waiter and its status line was not read within 5 s; count it as failed and look at its output in the log"
+    )]
+    Lost {
+        /// pre or post.
+        hook: &'static str,
+        /// The command.
+        command: String,
+    },
     /// Waiting for it failed.
     #[error("waiting for the {hook} hook `{command}` failed: {source}")]
     Wait {
@@ -329,14 +340,22 @@ pub enum HookError {
 
 /// Runs `command` with `sh -c` in its own process group, with `env` added, its output logged
 /// line by line under `hook`; kills the group once `timeout` has passed.
+///
+/// The hook runs in an inner shell whose status the outer one prints last, behind a marker, on
+/// the stdout pipe: as PID 1 (`shmback run -- APP` in a container) shmback reaps every child, so
+/// the reaper may collect the outer shell's status before this function does, and the marker is
+/// then how the hook's status is known.
 pub fn run_hook(
     hook: &'static str,
     command: &str,
     env: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), HookError> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let marker = format!("shmback-hook-status-{}-{nanos:x}", std::process::id());
     let mut child = Command::new("sh")
         .arg("-c")
+        .arg(format!("sh -c \"$0\"; s=$?; printf '{marker} %d\\n' \"$s\"; exit \"$s\""))
         .arg(command)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -348,13 +367,15 @@ pub fn run_hook(
         .map_err(|source| HookError::Spawn { hook, command: command.to_string(), source })?;
     // Readers are not joined: a process the hook left running may hold the pipes open for longer
     // than the hook; its lines are still logged as they come, and the reader ends with the pipe.
+    let (status_tx, status_rx) = std::sync::mpsc::channel();
     if let Some(out) = child.stdout.take() {
-        log_lines(hook, "stdout", out);
+        log_lines(hook, "stdout", out, Some((marker, status_tx)));
     }
     if let Some(err) = child.stderr.take() {
-        log_lines(hook, "stderr", err);
+        log_lines(hook, "stderr", err, None);
     }
     let started = Instant::now();
+    let failed = |status: ExitStatus| HookError::Failed { hook, command: command.to_string(), status };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -366,14 +387,30 @@ pub fn run_hook(
                 return Err(HookError::TimedOut { hook, command: command.to_string(), timeout });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ECHILD as i32) => {
+                // Reaped by someone else (see above): the shell printed the status before it ended.
+                let code = status_rx
+                    .recv_timeout(STATUS_WAIT)
+                    .map_err(|_| HookError::Lost { hook, command: command.to_string() })?;
+                break <ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw((code & 0xff) << 8);
+            }
             Err(source) => return Err(HookError::Wait { hook, command: command.to_string(), source }),
         }
     };
-    if status.success() { Ok(()) } else { Err(HookError::Failed { hook, command: command.to_string(), status }) }
+    if status.success() { Ok(()) } else { Err(failed(status)) }
 }
 
-/// Logs what `pipe` carries, line by line, from a thread of its own.
-fn log_lines(hook: &'static str, stream: &'static str, pipe: impl Read + Send + 'static) {
+/// How long the status line of a hook whose shell someone else reaped may take to be read.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
+
+/// Logs what `pipe` carries, line by line, from a thread of its own; with `status`, the code
+/// printed behind its marker is sent instead of logged.
+fn log_lines(
+    hook: &'static str,
+    stream: &'static str,
+    pipe: impl Read + Send + 'static,
+    status: Option<(String, std::sync::mpsc::Sender<i32>)>,
+) {
     let spawned = std::thread::Builder::new().name(format!("shmback-hook-{hook}")).spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut line = Vec::new();
@@ -383,7 +420,16 @@ fn log_lines(hook: &'static str, stream: &'static str, pipe: impl Read + Send + 
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line);
-                    let text = text.trim_end_matches(['\n', '\r']);
+                    let mut text = text.trim_end_matches(['\n', '\r']);
+                    if let Some((marker, tx)) = &status
+                        && let Some((before, code)) = text.rsplit_once(marker.as_str())
+                    {
+                        let _ = tx.send(code.trim().parse().unwrap_or(-1));
+                        text = before;
+                        if text.is_empty() {
+                            continue;
+                        }
+                    }
                     let cut = floor_char_boundary(text, HOOK_LINE_MAX);
                     info!(hook, stream, "{}", &text[..cut]);
                 }
