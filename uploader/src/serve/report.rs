@@ -67,6 +67,7 @@ impl<F: FnMut(&BatchOutcome)> Reporter<F> {
                 }
             }
         }
+        crate::monitor::batch_outcome(from, &outcome);
         (self.on_batch)(&outcome);
     }
 

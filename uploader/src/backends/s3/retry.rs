@@ -38,11 +38,18 @@ impl Backoff {
                 Ok(v) => return Ok(v),
                 Err(Failure { error, retry: true }) if n < self.max_attempts => {
                     let delay = self.cap(n).mul_f64(jitter());
+                    metrics::counter!("shmback_backend_retries_total", "class" => error.class()).increment(1);
                     warn!(op, key, attempt = n, of = self.max_attempts, ?delay, "S3 request failed, retrying: {error}");
                     tokio::time::sleep(delay).await;
                     n += 1;
                 }
-                Err(f) => return Err(f.error),
+                Err(f) => {
+                    // A missing object is an answer (rustic asks whether files exist), not a failure.
+                    if !matches!(f.error, S3Error::NotFound { .. }) {
+                        metrics::counter!("shmback_backend_errors_total", "class" => f.error.class()).increment(1);
+                    }
+                    return Err(f.error);
+                }
             }
         }
     }
