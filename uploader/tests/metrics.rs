@@ -134,6 +134,8 @@ fn a_backup_through_a_segment_shows_in_the_metrics_during_and_after() {
     // Idle: an empty repository, no producer (the ring is sampled about once a second).
     let idle = wait_for_value(addr, "shmback_producer_alive", &[("segment", segment)], 0.0);
     assert_eq!(value(&idle, "shmback_snapshots", &[]), Some(0.0));
+    let started = value(&idle, "shmback_start_timestamp_seconds", &[]).unwrap();
+    assert!(started > 0.0 && started <= unix_now(), "start {started}");
     assert_eq!(value(&idle, "shmback_ring_fill_ratio", &[("segment", segment)]), Some(0.0));
 
     // During: a producer stalls mid-batch (one 2 MiB file, 512 KiB sent).
@@ -142,7 +144,7 @@ fn a_backup_through_a_segment_shows_in_the_metrics_during_and_after() {
     stalled.recv_timeout(T).expect("the producer reached its stall");
     let during = wait_for_value(addr, "shmback_producer_alive", &[("segment", segment)], 1.0);
     let stored = [("result", "stored"), ("source", segment)];
-    assert_eq!(value(&during, "shmback_batches_total", &stored), None, "nothing stored yet");
+    assert_eq!(value(&during, "shmback_batches_total", &stored), Some(0.0), "nothing stored yet");
     let fill = value(&during, "shmback_ring_fill_ratio", &[("segment", segment)]).unwrap();
     assert!((0.0..=1.0).contains(&fill), "fill ratio {fill}");
 
@@ -166,7 +168,7 @@ fn a_backup_through_a_segment_shows_in_the_metrics_during_and_after() {
     let at = v("shmback_last_success_timestamp_seconds", &[("source", segment)]).unwrap();
     assert!(at >= before.floor() && at <= unix_now(), "last success at {at}, the batch began at {before}");
     assert_eq!(v("shmback_snapshots", &[]), Some(1.0));
-    assert_eq!(v("shmback_batches_total", &[("result", "rejected"), ("source", segment)]), None);
+    assert_eq!(v("shmback_batches_total", &[("result", "rejected"), ("source", segment)]), Some(0.0));
 
     // A second batch (one new file) is stored; a hostile one is rejected, and counted as such.
     good_batch(&seg, "second").expect("a second batch is stored");
@@ -175,7 +177,7 @@ fn a_backup_through_a_segment_shows_in_the_metrics_during_and_after() {
     assert_eq!(value(&later, "shmback_batches_total", &stored), Some(2.0));
     assert_eq!(value(&later, "shmback_files_total", &[("state", "new")]), Some(2.0));
     assert_eq!(value(&later, "shmback_snapshots", &[]), Some(2.0));
-    assert_eq!(value(&later, "shmback_batches_total", &[("result", "failed"), ("source", segment)]), None);
+    assert_eq!(value(&later, "shmback_batches_total", &[("result", "failed"), ("source", segment)]), Some(0.0));
     // Every producer has let go.
     wait_for_value(addr, "shmback_producer_alive", &[("segment", segment)], 0.0);
 

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::health::Health;
 
 pub use http::MetricsServer;
-pub(crate) use record::{RingSampler, batch_outcome, snapshots};
+pub(crate) use record::{RingSampler, batch_outcome, snapshots, source_started};
 
 /// `shmback run`'s monitoring flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -121,6 +121,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::set_global_recorder(recorder)
         .map_err(|_| anyhow::anyhow!("a metrics recorder is installed already; install it once per process"))?;
     record::describe();
+    record::started();
     Ok(handle)
 }
 

@@ -36,6 +36,15 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Registers `source`'s batch counters at zero, so that its first failure is an increase (a
+/// counter that appears at 1 shows no `increase()` in Prometheus).
+pub(crate) fn source_started(source: &str) {
+    let source = source_label(source);
+    for result in ["stored", "rejected", "failed"] {
+        counter!("shmback_batches_total", "source" => source.clone(), "result" => result).increment(0);
+    }
+}
+
 /// Records how one batch of `source` (a segment's path, or `http:PRODUCER`) ended.
 pub(crate) fn batch_outcome(source: &str, outcome: &BatchOutcome) {
     let source = source_label(source);
@@ -91,9 +100,16 @@ impl RingSampler {
     }
 }
 
+/// Records when the daemon started (alert rules tell a daemon that never stored anything from
+/// one that just started).
+pub(super) fn started() {
+    gauge!("shmback_start_timestamp_seconds").set(unix_now());
+}
+
 /// HELP lines of the metrics this crate records (the scheduler's and hooks' describe their own,
 /// or show without help).
 pub(super) fn describe() {
+    describe_gauge!("shmback_start_timestamp_seconds", Unit::Seconds, "When the daemon started.");
     describe_counter!("shmback_batches_total", "Batches by source and result (stored, rejected, failed).");
     describe_histogram!("shmback_batch_duration_seconds", Unit::Seconds, "Time from BEGIN to the stored snapshot.");
     describe_counter!("shmback_files_total", "Files of stored batches, by state (new, changed, unmodified).");

@@ -104,4 +104,24 @@ mod tests {
         assert!(matches!(got, Err(S3Error::NotFound { .. })));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a 4xx is not retried");
     }
+
+    #[test]
+    fn retries_and_failures_are_counted_by_class_and_a_missing_object_is_no_failure() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let b = Backoff { max_attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(2) };
+        let unreachable = || S3Error::Unreachable { endpoint: "http://127.0.0.1:1".into(), cause: "refused".into() };
+        metrics::with_local_recorder(&recorder, || {
+            let _ = rt
+                .block_on(b.run("put", "k", || async { Err::<(), _>(Failure { error: unreachable(), retry: true }) }));
+            let _ = rt.block_on(b.run("get", "k", || async {
+                Err::<(), _>(Failure { error: S3Error::NotFound { key: "k".into() }, retry: false })
+            }));
+        });
+        let text = handle.render();
+        assert!(text.contains("shmback_backend_retries_total{class=\"unreachable\"} 2"), "{text}");
+        assert!(text.contains("shmback_backend_errors_total{class=\"unreachable\"} 1"), "{text}");
+        assert!(!text.contains("not_found"), "{text}");
+    }
 }
