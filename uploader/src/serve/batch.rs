@@ -31,9 +31,11 @@ pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> 
     let gate = Gate::default();
     let purpose = if init { Purpose::Create } else { Purpose::Serve };
     let repo = repository::open(config, purpose, |be| Arc::new(GatedBackend::new(be, gate.clone())))?;
-    crate::health::repository_opened();
     let repo = Repo { repo: Some(repo), gate };
-    repo.count_snapshots();
+    if !init {
+        crate::health::repository_opened();
+        repo.count_snapshots();
+    }
     Ok(repo)
 }
 
