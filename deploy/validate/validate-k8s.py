@@ -49,6 +49,40 @@ def runs_uploader(container):
         and not container.get("command")))
 
 
+def metrics_port(container, text):
+    """The port of the uploader's --metrics-addr (or SHMBACK_METRICS_ADDR), if it serves one."""
+    m = re.search(r"--metrics-addr[ =]+\S*:([0-9]+)", text)
+    if m:
+        return int(m.group(1))
+    for e in container.get("env") or []:
+        if e.get("name") == "SHMBACK_METRICS_ADDR" and re.search(r":([0-9]+)$", str(e.get("value", ""))):
+            return int(str(e["value"]).rsplit(":", 1)[1])
+    return None
+
+
+def probe_rules(cname, container, text):
+    """Port probes of the uploader must reach its metrics port: /healthz or /readyz over HTTP."""
+    errors = []
+    served = metrics_port(container, text)
+    named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or [] if p.get("name")}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        p = container.get(probe) or {}
+        if "grpc" in p:
+            errors.append(f"{cname}: {probe} uses gRPC; the uploader serves no gRPC health endpoint (httpGet /healthz or /readyz)")
+        for kind in ("httpGet", "tcpSocket"):
+            if kind not in p:
+                continue
+            port = p[kind].get("port")
+            port = named.get(port, port)
+            if served is None or port != served:
+                errors.append(
+                    f"{cname}: {probe} probes port {port}, where the uploader serves no health endpoint "
+                    f"(give it --metrics-addr 0.0.0.0:PORT and probe /healthz or /readyz on PORT)")
+            elif kind == "httpGet" and p[kind].get("path") not in ("/healthz", "/readyz"):
+                errors.append(f"{cname}: {probe} gets {p[kind].get('path')}; the metrics port answers /healthz (alive) and /readyz (ready)")
+    return errors
+
+
 def pod_rules(name, spec, secrets):
     errors = []
     psc = spec.get("securityContext") or {}
@@ -74,10 +108,7 @@ def pod_rules(name, spec, secrets):
         if not runs_uploader(c):
             continue
         text = words(c)
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            p = c.get(probe) or {}
-            if any(k in p for k in ("httpGet", "tcpSocket", "grpc")):
-                errors.append(f"{cname}: {probe} probes a port; the uploader serves no health endpoint (use an exec probe or none)")
+        errors += probe_rules(cname, c, text)
         supervised = re.search(r"\s--\s", f" {text} ")
         if where == "initContainers" and not supervised and c.get("restartPolicy") != "Always":
             errors.append(f"{cname}: a long-running `shmback run` in initContainers needs restartPolicy: Always (a native sidecar), or it blocks the pod's start")

@@ -80,6 +80,13 @@ function extraRules(sdl) {
               errors.push(`${where}: the --listen port ${listen[1]} is exposed globally; expose it only to the producing services (to: - service: NAME)`);
           }
         }
+        const metrics = /--metrics-addr[ =]+\S*:([0-9]+)/.exec(words);
+        if (metrics) {
+          for (const e of asArray(service.expose)) {
+            if (String(e.port) === metrics[1] && asArray(e.to).some((t) => t.global === true || t.ip))
+              errors.push(`${where}: the --metrics-addr port ${metrics[1]} is exposed globally (it has no token); expose it only to a Prometheus service of the deployment (to: - service: NAME)`);
+          }
+        }
       }
     }
   }

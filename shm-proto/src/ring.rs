@@ -993,6 +993,19 @@ impl<M: Memory> Consumer<M> {
         intact(&self.mem)
     }
 
+    /// Bytes the producer has published that this consumer has not released yet, at most the
+    /// capacity (the head is the producer's word, so a hostile value is clamped, not trusted).
+    /// For monitoring: how full the ring is now.
+    pub fn filled(&self) -> usize {
+        let head = self.mem.shared().head.load(Ordering::Acquire);
+        head.saturating_sub(self.st.tail).min(self.st.capacity as u64) as usize
+    }
+
+    /// Whether a producer is attached now (holds its side's lock).
+    pub fn producer_alive(&self) -> bool {
+        self.mem.peer_alive(Role::Producer)
+    }
+
     /// Sequence of the last batch acknowledged durable on this segment (by any consumer). A
     /// consumer that starts mid-stream skips batches at or below it: they are stored already.
     pub fn last_durable_seq(&self) -> u64 {

@@ -217,3 +217,23 @@ fn closing_a_side_is_peer_gone_for_the_other() {
     assert!(start.elapsed() < Duration::from_secs(1), "PeerGone took {:?}", start.elapsed());
     assert!(c.peek().unwrap().is_none(), "an unpublished frame became visible");
 }
+
+#[test]
+fn consumer_sees_how_full_the_ring_is_and_whether_a_producer_is_attached() {
+    let d = shm_dir();
+    let path = d.path().join("seg");
+    let mut c = Segment::consumer(&path, &opts(4096)).unwrap();
+    assert!(!c.producer_alive());
+    assert_eq!(c.filled(), 0);
+    let mut p = Segment::producer(&path, &opts(4096)).unwrap();
+    assert!(c.producer_alive());
+    p.send(&Frame::Data(&[7u8; 100]), Duration::from_secs(1)).unwrap();
+    p.flush();
+    // A frame is its 8-byte header and the payload rounded up to 8 bytes.
+    assert_eq!(c.filled(), 8 + 104);
+    let f = c.recv(Duration::from_secs(1)).unwrap();
+    f.release();
+    assert_eq!(c.filled(), 0, "a released frame no longer counts");
+    drop(p);
+    assert!(!c.producer_alive());
+}

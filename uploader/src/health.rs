@@ -18,6 +18,9 @@ pub struct JobState {
     pub ok: bool,
     /// Failures in a row (0 after a success).
     pub failures_in_a_row: u32,
+    /// When the first of those failures ended (`None` after a success): how long the job has
+    /// been failing, for `/readyz`.
+    pub failing_since: Option<SystemTime>,
     /// The last error, if it failed.
     pub error: Option<String>,
 }
@@ -66,14 +69,22 @@ pub fn segment_detached(segment: &Path) {
 /// Job `name` ended; `error` is `None` on success.
 pub fn job_finished(name: &str, error: Option<&str>) {
     with(|h| {
-        let before = h.jobs.get(name).map_or(0, |j| j.failures_in_a_row);
-        let failures_in_a_row = if error.is_some() { before + 1 } else { 0 };
+        let before = h.jobs.get(name);
+        let now = SystemTime::now();
+        let (failures_in_a_row, failing_since) = match error {
+            Some(_) => (
+                before.map_or(0, |j| j.failures_in_a_row).saturating_add(1),
+                Some(before.and_then(|j| j.failing_since).unwrap_or(now)),
+            ),
+            None => (0, None),
+        };
         h.jobs.insert(
             name.to_string(),
             JobState {
-                at: SystemTime::now(),
+                at: now,
                 ok: error.is_none(),
                 failures_in_a_row,
+                failing_since,
                 error: error.map(str::to_string),
             },
         );

@@ -20,6 +20,7 @@ use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_em
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
 use shmback_uploader::hooks::{HOOK_EXAMPLES, HookArgs, Hooks};
+use shmback_uploader::monitor::{MONITOR_EXAMPLES, MonitorArgs};
 use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
 use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
 use shmback_uploader::supervise::{Supervise, supervise};
@@ -146,7 +147,7 @@ enum Cmd {
     /// SIGTERM, APP gets --grace to exit (then SIGKILL) while serving goes on, then the batch in
     /// flight gets --grace: allow twice --grace before the platform's SIGKILL. If serving fails,
     /// APP is stopped and shmback exits with the error. As PID 1 it reaps orphaned processes.
-    #[command(after_help = format!("{RUN_EXAMPLES}\n\n{HOOK_EXAMPLES}"))]
+    #[command(after_help = format!("{RUN_EXAMPLES}\n{MONITOR_EXAMPLES}\n\n{HOOK_EXAMPLES}"))]
     Run {
         /// A segment to serve (created if missing); repeatable, or comma-separated in the variable.
         /// Default /dev/shm/shmback, unless --listen or --pull is given.
@@ -210,6 +211,8 @@ enum Cmd {
         /// The app to supervise and its arguments, after `--`.
         #[arg(last = true, value_name = "APP")]
         app: Vec<OsString>,
+        #[command(flatten)]
+        monitor: MonitorArgs,
     },
     /// List snapshots, oldest first.
     #[command(after_help = "Examples:\n  shmback snapshots\n  shmback snapshots --json | jq '.[].id'")]
@@ -433,6 +436,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             restore_tag,
             hooks,
             app,
+            monitor,
         } => {
             let config = repository_config(cli)?;
             let mut opts = ServeOptions {
@@ -460,6 +464,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ..HttpOptions::default()
             };
             // Bound first: a port in use fails before anything is served (or APP started).
+            let _metrics = shmback_uploader::monitor::start(monitor, &segments)?;
             let listener = listen.map(bind).transpose()?;
             let hooks = Arc::new(Hooks::new(hooks, &opts.host)?);
             let transports = Transports {

@@ -33,6 +33,17 @@ impl FailureKind {
             FailureKind::Configuration => 14,
         }
     }
+
+    /// Its name as a metric label (`shmback_backend_errors_total{class}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::AccessRefused => "access_refused",
+            FailureKind::Missing => "missing",
+            FailureKind::Unreachable => "unreachable",
+            FailureKind::Tls => "tls",
+            FailureKind::Configuration => "configuration",
+        }
+    }
 }
 
 /// The exit statuses, for `shmback --help`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rustic_core::repofile::SnapshotFile;
 use rustic_core::{BackupOptions, IndexedIdsStatus, OpenStatus, Repository, SnapshotOptions};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::gate::{Gate, GatedBackend};
 use super::manifest::Manifest;
@@ -31,7 +31,24 @@ pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> 
     let gate = Gate::default();
     let purpose = if init { Purpose::Create } else { Purpose::Serve };
     let repo = repository::open(config, purpose, |be| Arc::new(GatedBackend::new(be, gate.clone())))?;
-    Ok(Repo { repo: Some(repo), gate })
+    let repo = Repo { repo: Some(repo), gate };
+    if !init {
+        crate::health::repository_opened();
+        repo.count_snapshots();
+    }
+    Ok(repo)
+}
+
+impl Repo {
+    /// Refreshes the `shmback_snapshots` gauge: the snapshot files are listed, none is read. A
+    /// failed listing leaves the gauge as it was (the next batch finds out more).
+    fn count_snapshots(&self) {
+        let Some(repo) = &self.repo else { return };
+        match repo.list::<rustic_core::repofile::SnapshotId>() {
+            Ok(ids) => crate::monitor::snapshots(ids.count()),
+            Err(e) => debug!("counting the snapshots failed: {}", without_empty_backtraces(&format!("{e:#}"))),
+        }
+    }
 }
 
 /// Archives one batch whose manifest is complete and says how it went, and whether the
@@ -84,6 +101,9 @@ pub(crate) fn run_batch(
         },
     };
     repo.repo = Some(indexed.drop_index());
+    if matches!(outcome, BatchOutcome::Stored { .. }) {
+        repo.count_snapshots();
+    }
     // Freed manifest, tree and index memory goes back to the system, not only to the allocator
     // (which would otherwise keep a large batch's peak for the daemon's life).
     shmback_proto::release_free_memory();

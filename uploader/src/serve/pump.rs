@@ -91,6 +91,8 @@ pub(crate) struct Pump {
     /// A file that was opened but not read to its end (rustic gave up on it): no snapshot.
     incomplete: Option<u64>,
     end: Option<BatchEnd>,
+    /// A segment's fill and producer, for the metrics.
+    sampler: crate::monitor::RingSampler,
 }
 
 impl Pump {
@@ -107,6 +109,7 @@ impl Pump {
             skipped: HashSet::new(),
             incomplete: None,
             end: None,
+            sampler: Default::default(),
         }
     }
 
@@ -144,6 +147,9 @@ impl Pump {
 
     /// Waits one tick for the ring; `Ok(false)` when nothing arrived.
     fn wait(&mut self) -> Result<bool, RingError> {
+        if let Source::Ring(c) = &self.source {
+            self.sampler.sample(c);
+        }
         match self.source.wait(self.tick) {
             Ok(()) => Ok(true),
             Err(RingError::Timeout { .. }) => {

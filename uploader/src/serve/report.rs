@@ -30,6 +30,7 @@ pub(crate) struct Reporter<F> {
 
 impl<F: FnMut(&BatchOutcome)> Reporter<F> {
     pub(crate) fn new(source: &str, on_batch: F) -> Self {
+        crate::monitor::source_started(source);
         Reporter {
             source: source.to_string(),
             on_batch,
@@ -67,6 +68,7 @@ impl<F: FnMut(&BatchOutcome)> Reporter<F> {
                 }
             }
         }
+        crate::monitor::batch_outcome(from, &outcome);
         (self.on_batch)(&outcome);
     }
 

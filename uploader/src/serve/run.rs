@@ -48,7 +48,10 @@ fn serve_attached(
     mut on_batch: impl FnMut(&BatchOutcome),
 ) -> Result<(), SegmentStop> {
     loop {
-        match serve_segment(repo, path, consumer, opts, stop.clone(), &mut on_batch) {
+        crate::health::segment_attached(path);
+        let served = serve_segment(repo, path, consumer, opts, stop.clone(), &mut on_batch);
+        crate::health::segment_detached(path);
+        match served {
             Err(SegmentStop::Ring(e @ RingError::SegmentDamaged { .. })) => {
                 warn!(segment = %path.display(), "{e}; attaching it again once its producer has let go");
                 match reattach(path, opts, stop)? {

@@ -97,6 +97,18 @@ impl S3Error {
         }
     }
 
+    /// The failure class, as the metrics label it (`shmback_backend_retries_total{class}`,
+    /// `shmback_backend_errors_total{class}`): a [`FailureKind`]'s label, else `not_found`,
+    /// `checksum_refused` or `other` (5xx, throttling, a connection dropped mid-request).
+    pub fn class(&self) -> &'static str {
+        match self {
+            S3Error::NotFound { .. } => "not_found",
+            S3Error::ChecksumRefused { .. } => "checksum_refused",
+            S3Error::Other { .. } => "other",
+            _ => self.kind().map_or("other", FailureKind::label),
+        }
+    }
+
     /// The process exit status for this error (README, "Exit status").
     pub fn exit_code(&self) -> u8 {
         self.kind().map_or(1, FailureKind::exit_code)

@@ -38,11 +38,18 @@ impl Backoff {
                 Ok(v) => return Ok(v),
                 Err(Failure { error, retry: true }) if n < self.max_attempts => {
                     let delay = self.cap(n).mul_f64(jitter());
+                    metrics::counter!("shmback_backend_retries_total", "class" => error.class()).increment(1);
                     warn!(op, key, attempt = n, of = self.max_attempts, ?delay, "S3 request failed, retrying: {error}");
                     tokio::time::sleep(delay).await;
                     n += 1;
                 }
-                Err(f) => return Err(f.error),
+                Err(f) => {
+                    // A missing object is an answer (rustic asks whether files exist), not a failure.
+                    if !matches!(f.error, S3Error::NotFound { .. }) {
+                        metrics::counter!("shmback_backend_errors_total", "class" => f.error.class()).increment(1);
+                    }
+                    return Err(f.error);
+                }
             }
         }
     }
@@ -96,5 +103,25 @@ mod tests {
         }));
         assert!(matches!(got, Err(S3Error::NotFound { .. })));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a 4xx is not retried");
+    }
+
+    #[test]
+    fn retries_and_failures_are_counted_by_class_and_a_missing_object_is_no_failure() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let b = Backoff { max_attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(2) };
+        let unreachable = || S3Error::Unreachable { endpoint: "http://127.0.0.1:1".into(), cause: "refused".into() };
+        metrics::with_local_recorder(&recorder, || {
+            let _ = rt
+                .block_on(b.run("put", "k", || async { Err::<(), _>(Failure { error: unreachable(), retry: true }) }));
+            let _ = rt.block_on(b.run("get", "k", || async {
+                Err::<(), _>(Failure { error: S3Error::NotFound { key: "k".into() }, retry: false })
+            }));
+        });
+        let text = handle.render();
+        assert!(text.contains("shmback_backend_retries_total{class=\"unreachable\"} 2"), "{text}");
+        assert!(text.contains("shmback_backend_errors_total{class=\"unreachable\"} 1"), "{text}");
+        assert!(!text.contains("not_found"), "{text}");
     }
 }
