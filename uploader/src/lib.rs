@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod hooks;
+pub mod init;
 pub mod monitor;
 pub mod progress;
 pub mod repository;

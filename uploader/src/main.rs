@@ -363,6 +363,10 @@ enum RepairCmd {
 }
 
 fn main() -> ExitCode {
+    // As a container's PID 1: an init in front of the real process (reaps orphans, passes signals on).
+    if let Some(code) = shmback_uploader::init::run_as_init_if_pid_1() {
+        return code;
+    }
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(

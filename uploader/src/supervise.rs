@@ -8,8 +8,8 @@
 //! the grace period) and shmback exits with APP's status. A SIGTERM/SIGINT gives APP the grace
 //! period to exit (then SIGKILL), and serving continues meanwhile, so APP may still send a last
 //! batch on its way out. Serving that fails stops APP (SIGTERM, then SIGKILL after the grace
-//! period) and shmback exits with the error. As PID 1, shmback reaps every process re-parented
-//! to it, as an init must.
+//! period) and shmback exits with the error. As PID 1, an init in front of shmback reaps every
+//! process re-parented to it ([`crate::init`]).
 //!
 //! One thread (the coordinator) owns APP and decides; the signal thread, the waiter thread and
 //! the serving side only send it events.
@@ -28,7 +28,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::RepositoryConfig;
 use crate::restore_if_empty::{RestoreIfEmpty, SnapshotFilter, restore_if_empty};
@@ -121,13 +121,7 @@ pub fn supervise(
         })
         .context("starting the signal thread")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let coordinator = Coordinator {
-        app: sup.app.clone(),
-        grace: sup.grace,
-        stop: stop.clone(),
-        reap_all: std::process::id() == 1,
-        events: tx.clone(),
-    };
+    let coordinator = Coordinator { app: sup.app.clone(), grace: sup.grace, stop: stop.clone(), events: tx.clone() };
     let coordinator = std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || coordinator.run(rx))
@@ -156,8 +150,6 @@ struct Coordinator {
     grace: Duration,
     /// Serving's stop flag: set once APP has ended, or when asked to stop before it started.
     stop: Arc<AtomicBool>,
-    /// shmback is PID 1: reap every child, not only APP.
-    reap_all: bool,
     /// For the waiter thread.
     events: Sender<Event>,
 }
@@ -260,8 +252,8 @@ impl Coordinator {
         info!(pid = pid.as_raw(), app = %self.app[0].to_string_lossy(), "started the app");
         // The waiter reaps APP with waitpid; the `Child` handle is not waited on.
         drop(child);
-        let (events, reap_all) = (self.events.clone(), self.reap_all);
-        let waiter = std::thread::Builder::new().name("reaper".into()).spawn(move || wait(pid, reap_all, &events));
+        let events = self.events.clone();
+        let waiter = std::thread::Builder::new().name("app-waiter".into()).spawn(move || wait(pid, &events));
         if let Err(e) = waiter {
             // Without a waiter APP's end would go unnoticed: stop it rather than run blind.
             signal(pid, Signal::SIGKILL);
@@ -281,44 +273,24 @@ fn signal(pid: Pid, sig: Signal) {
     }
 }
 
-/// Waits for APP (`pid`) to end and says how; as PID 1 (`reap_all`), also reaps every other
-/// child, before and after APP's end, until none is left.
-fn wait(pid: Pid, reap_all: bool, events: &Sender<Event>) {
-    let mut app_ended = false;
-    loop {
-        let got = waitpid(if reap_all { None } else { Some(pid) }, None);
-        let (who, how) = match got {
-            Ok(WaitStatus::Exited(p, code)) => (p, AppExit::Code(code)),
-            Ok(WaitStatus::Signaled(p, sig, _)) => (p, AppExit::Signal(sig as i32)),
+/// Waits for APP (`pid`) to end and says how. Only APP: orphans are the init's (as PID 1,
+/// [`crate::init`]), and other children are waited for by whoever started them.
+fn wait(pid: Pid, events: &Sender<Event>) {
+    let how = loop {
+        match waitpid(Some(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => break AppExit::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break AppExit::Signal(sig as i32),
             // Stopped and continued children are not asked for (no WUNTRACED/WCONTINUED).
-            Ok(_) => continue,
-            Err(Errno::EINTR) => continue,
-            // A child was reaped, but its status names a signal nix does not know (if APP is gone,
-            // it was APP); or no child is left. Either way APP's end must be told, or the
-            // supervisor would wait for it for ever.
+            Ok(_) | Err(Errno::EINTR) => continue,
+            // APP was reaped but its status names a signal nix does not know, or it is gone:
+            // its end must be told, or the supervisor would wait for it for ever.
             Err(e) => {
-                let gone = e == Errno::ECHILD || kill(pid, None) == Err(Errno::ESRCH);
-                if !app_ended && gone {
-                    warn!(pid = pid.as_raw(), "reading the app's exit status: {e}");
-                    app_ended = true;
-                    let _ = events.send(Event::AppExited(AppExit::Unknown));
-                }
-                if e == Errno::ECHILD || !reap_all {
-                    return;
-                }
-                continue;
+                warn!(pid = pid.as_raw(), "reading the app's exit status: {e}");
+                break AppExit::Unknown;
             }
-        };
-        if who == pid {
-            app_ended = true;
-            let _ = events.send(Event::AppExited(how));
-            if !reap_all {
-                return;
-            }
-        } else {
-            debug!(pid = who.as_raw(), "reaped an orphan ({how})");
         }
-    }
+    };
+    let _ = events.send(Event::AppExited(how));
 }
 
 #[cfg(test)]
