@@ -18,6 +18,7 @@ pub mod health;
 pub mod progress;
 pub mod repository;
 pub mod restore_if_empty;
+pub mod schedule;
 pub mod serve;
 pub mod supervise;
 
