@@ -111,7 +111,7 @@ const RUN_EXAMPLES: &str = "Examples:
 
   # A database dump every night at a time of its own, keeping 7 daily and 4 weekly snapshots,
   # pruning on Sundays and reading a tenth of the data in a check every Saturday (docs/schedules.md):
-  shmback run --schedule @daily-random --job-timeout 3600 \\
+  shmback run --schedule @daily-random --job-timeout 3600 --job-shell bash \\
     --job 'db=set -o pipefail; pg_dump app | shmback-send --stdin db.sql --wait-durable' \\
     --keep-daily 7 --keep-weekly 4 --prune-schedule '0 3 * * SUN' \\
     --check-schedule '0 4 * * SAT' --check-read-data-subset 10%

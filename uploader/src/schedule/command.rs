@@ -61,10 +61,11 @@ impl FromStr for JobSpec {
     }
 }
 
-/// Runs `sh -c cmd` to its end: an error if it exits non-zero, is killed by a signal, runs past
+/// Runs `shell -c cmd` to its end: an error if it exits non-zero, is killed by a signal, runs past
 /// `timeout`, or is still running `grace` after `stop` was set (then it is killed: SIGTERM to its
 /// process group, SIGKILL [`KILL_AFTER`] later). `env` is added to its environment.
 pub fn run(
+    shell: &str,
     name: &str,
     cmd: &str,
     env: &[(String, OsString)],
@@ -72,7 +73,7 @@ pub fn run(
     stop: &AtomicBool,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let mut child = Command::new("sh")
+    let mut child = Command::new(shell)
         .arg("-c")
         .arg(cmd)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -81,7 +82,7 @@ pub fn run(
         // Its own group: a timeout or shutdown reaches every process of a pipeline.
         .process_group(0)
         .spawn()
-        .with_context(|| format!("job {name}: starting `sh -c` (is /bin/sh there?)"))?;
+        .with_context(|| format!("job {name}: starting `{shell} -c` (--job-shell): is {shell} installed?"))?;
     let pid = Pid::from_raw(i32::try_from(child.id()).context("process id out of range")?);
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     if let Some(stderr) = child.stderr.take() {
@@ -109,7 +110,9 @@ pub fn run(
                     timeout.unwrap_or_default()
                 ))
             } else if stop_seen.is_some_and(|s| now.duration_since(s) >= grace) {
-                Some(format!("the daemon is shutting down and the job was still running after --grace ({grace:?}), so it was killed"))
+                Some(format!(
+                    "the daemon is shutting down and the job was still running after --grace ({grace:?}), so it was killed"
+                ))
             } else {
                 None
             };
@@ -151,7 +154,7 @@ pub fn run(
     if !status.success() {
         anyhow::bail!(
             "job {name}: the command {}{quoted}\nIn a pipeline, only the last command's status counts unless the \
-             job starts with `set -o pipefail;`.",
+             job starts with `set -o pipefail;` (bash, busybox sh, dash 0.5.13+: see --job-shell).",
             describe(status)
         );
     }
@@ -205,7 +208,7 @@ mod tests {
     use super::*;
 
     fn go(cmd: &str, timeout: Option<Duration>) -> anyhow::Result<()> {
-        run("t", cmd, &[], timeout, &AtomicBool::new(false), Duration::from_secs(1))
+        run("sh", "t", cmd, &[], timeout, &AtomicBool::new(false), Duration::from_secs(1))
     }
 
     #[test]
@@ -225,7 +228,8 @@ mod tests {
     fn a_command_that_succeeds_is_ok_and_its_environment_is_passed() {
         go("true", None).unwrap();
         let env = [("SHMBACK_JOB".to_string(), OsString::from("db"))];
-        run("t", "test \"$SHMBACK_JOB\" = db", &env, None, &AtomicBool::new(false), Duration::from_secs(1)).unwrap();
+        run("sh", "t", "test \"$SHMBACK_JOB\" = db", &env, None, &AtomicBool::new(false), Duration::from_secs(1))
+            .unwrap();
     }
 
     #[test]
@@ -247,6 +251,13 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_shell_is_named() {
+        let e = run("/nonexistent/bash", "t", "true", &[], None, &AtomicBool::new(false), Duration::from_secs(1));
+        let e = format!("{:#}", e.unwrap_err());
+        assert!(e.contains("--job-shell") && e.contains("/nonexistent/bash"), "{e}");
+    }
+
+    #[test]
     fn a_hung_command_is_killed_at_its_timeout_with_its_whole_pipeline() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("child-alive");
@@ -261,9 +272,9 @@ mod tests {
     #[test]
     fn shutdown_gives_a_running_job_the_grace_period_then_kills_it() {
         let stop = AtomicBool::new(true);
-        let e = run("t", "sleep 30", &[], None, &stop, Duration::from_millis(200)).unwrap_err().to_string();
+        let e = run("sh", "t", "sleep 30", &[], None, &stop, Duration::from_millis(200)).unwrap_err().to_string();
         assert!(e.contains("shutting down") && e.contains("--grace"), "{e}");
         // A job that ends within the grace period is left to end.
-        run("t", "sleep 0.2", &[], None, &stop, Duration::from_secs(10)).unwrap();
+        run("sh", "t", "sleep 0.2", &[], None, &stop, Duration::from_secs(10)).unwrap();
     }
 }

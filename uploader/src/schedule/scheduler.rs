@@ -61,7 +61,10 @@ pub struct Job {
 
 impl Job {
     /// A job named `name` doing `run`.
-    pub fn new(name: impl Into<String>, run: impl FnMut(&JobContext<'_>) -> anyhow::Result<()> + Send + 'static) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        run: impl FnMut(&JobContext<'_>) -> anyhow::Result<()> + Send + 'static,
+    ) -> Self {
         Job { name: name.into(), run: Box::new(run) }
     }
 }
@@ -128,7 +131,9 @@ pub fn run_scheduler(
             let next = first_due(&t.name, &t.schedule, &job_names, state.as_mut(), now, opts.run_missed);
             match next {
                 Some(at) => info!(task = %t.name, schedule = %t.schedule, next = %at, "scheduled"),
-                None => warn!(task = %t.name, schedule = %t.schedule, "the schedule is never due: the task will not run"),
+                None => {
+                    warn!(task = %t.name, schedule = %t.schedule, "the schedule is never due: the task will not run")
+                }
             }
             Slot {
                 name: t.name,
@@ -293,18 +298,23 @@ mod tests {
     use super::*;
     use crate::schedule::spec::Spec;
 
-    /// A clock the test moves.
-    struct Manual(Mutex<Timestamp>);
+    /// A clock the test moves; it counts how often it was read.
+    struct Manual(Mutex<Timestamp>, AtomicU64);
 
     impl Clock for Manual {
         fn now(&self) -> Timestamp {
+            self.1.fetch_add(1, Ordering::SeqCst);
             *self.0.lock().unwrap()
         }
     }
 
     impl Manual {
         fn at(s: &str) -> Arc<Self> {
-            Arc::new(Manual(Mutex::new(s.parse().unwrap())))
+            Arc::new(Manual(Mutex::new(s.parse().unwrap()), AtomicU64::new(0)))
+        }
+        /// Waits until the scheduler has read the clock (it has planned its first times).
+        fn wait_read(&self) {
+            until("the scheduler read the clock", || self.1.load(Ordering::SeqCst) > 0);
         }
         fn advance(&self, d: jiff::SignedDuration) {
             let mut t = self.0.lock().unwrap();
@@ -344,10 +354,11 @@ mod tests {
         }
     }
 
-    fn start(tasks: Vec<Task>, state: Option<State>, clock: Arc<dyn Clock>, around: Around) -> Running {
+    fn start(tasks: Vec<Task>, state: Option<State>, clock: Arc<Manual>, around: Around) -> Running {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || run_scheduler(tasks, state, clock, around, &quick(), &s));
+        let (s, c) = (stop.clone(), clock.clone());
+        let thread = std::thread::spawn(move || run_scheduler(tasks, state, c, around, &quick(), &s));
+        clock.wait_read();
         Running { stop, thread: Some(thread) }
     }
 
@@ -464,6 +475,7 @@ mod tests {
         let (s2, c2) = (stop.clone(), clock.clone());
         let opts = SchedulerOptions { run_missed: false, ..quick() };
         let t = std::thread::spawn(move || run_scheduler(vec![task], Some(state), c2, plain(), &opts, &s2));
+        clock.wait_read();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         clock.advance(jiff::SignedDuration::from_secs(30 * 60));

@@ -278,9 +278,8 @@ mod tests {
         // Once a day: the next time after that one is 24 h later.
         let b = s.bind("db", "host-a").in_zone(TimeZone::UTC).next_after(a).unwrap();
         assert_eq!(b.duration_since(a), SignedDuration::from_hours(24));
-        let times: std::collections::BTreeSet<_> = (0..20)
-            .map(|i| s.bind("db", &format!("host-{i}")).in_zone(TimeZone::UTC).next_after(t).unwrap())
-            .collect();
+        let times: std::collections::BTreeSet<_> =
+            (0..20).map(|i| s.bind("db", &format!("host-{i}")).in_zone(TimeZone::UTC).next_after(t).unwrap()).collect();
         assert!(times.len() > 10, "20 hosts got only {} distinct times: {times:?}", times.len());
 
         let hourly: Spec = "@hourly-random".parse().unwrap();

@@ -113,7 +113,13 @@ impl Puller {
 
     /// Pulls one batch and serves it; the error says why no snapshot was stored.
     pub fn once(&self) -> Result<(), String> {
-        self.runtime.block_on(pull_once(&self.bodies, &self.client, &self.base, self.token.as_deref(), &self.fallback_name))
+        self.runtime.block_on(pull_once(
+            &self.bodies,
+            &self.client,
+            &self.base,
+            self.token.as_deref(),
+            &self.fallback_name,
+        ))
     }
 }
 
