@@ -37,6 +37,8 @@ fn scheduled(repo: &str, seg: &Path, state: &Path, args: &[&str], log: &Path) ->
         .env("RESTIC_REPOSITORY", repo)
         .env("RESTIC_PASSWORD", PW)
         .env_remove("TZ")
+        .env_remove("SHMBACK_TOKEN")
+        .env_remove("SHMBACK_TOKEN_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -310,4 +312,38 @@ fn a_failing_scheduled_command_is_counted() {
     let h = shmback_uploader::health::current();
     let j = &h.jobs["countedfail"];
     assert!(!j.ok && j.failures_in_a_row >= 2 && j.error.as_deref().unwrap_or("").contains("status 4"), "{j:?}");
+}
+
+#[test]
+fn with_a_schedule_the_pull_is_a_job_run_on_it() {
+    let (dir, repo) = fresh_repo();
+    let shm = shm_dir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("p.txt"), "pulled\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _serve = Reaped(
+        Command::new(send_bin())
+            .args(["--serve", &format!("127.0.0.1:{port}"), data.to_str().unwrap()])
+            .env_remove("SHMBACK_TOKEN")
+            .env_remove("SHMBACK_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let log = dir.path().join("log");
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = scheduled(
+        &repo,
+        &shm.path().join("seg"),
+        &dir.path().join("state"),
+        &["--pull", &url, "--schedule", "@every 1s", "--pull-interval", "3600"],
+        &log,
+    );
+    // Two pulls within seconds although --pull-interval says an hour: the schedule decides.
+    wait_for_count(&log, "job succeeded job=pull", 2);
+    assert!(terminate(&mut up.0).success(), "{}", log_text(&log));
+    assert!(snapshot_count(&repo) >= 2);
 }
