@@ -154,7 +154,7 @@ pub fn run(
     if !status.success() {
         anyhow::bail!(
             "job {name}: the command {}{quoted}\nIn a pipeline, only the last command's status counts unless the \
-             job starts with `set -o pipefail;` (bash, busybox sh, dash 0.5.13+: see --job-shell).",
+             job starts with `set -o pipefail;` (with --job-shell bash: Debian's sh, dash, has no pipefail).",
             describe(status)
         );
     }

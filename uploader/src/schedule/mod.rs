@@ -54,7 +54,7 @@ pub struct ScheduleArgs {
     #[arg(long = "job", value_name = "[NAME=]CMD", env = "SHMBACK_JOB", requires = "schedule")]
     pub jobs: Vec<JobSpec>,
     /// The shell that runs each --job as `SHELL -c CMD` (bash: for `set -o pipefail`, which
-    /// Debian's dash before 0.5.13 lacks).
+    /// Debian's sh, dash, lacks).
     #[arg(long, value_name = "SHELL", env = "SHMBACK_JOB_SHELL", default_value = "sh")]
     pub job_shell: String,
     /// Seconds a --job may run before it is killed (its whole process group); 0: no limit.

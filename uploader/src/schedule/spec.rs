@@ -269,6 +269,17 @@ mod tests {
     }
 
     #[test]
+    fn a_local_time_skipped_by_daylight_saving_runs_once_that_day() {
+        let s: Spec = "30 2 * * *".parse().unwrap();
+        let berlin = s.bind("j", "h").in_zone(TimeZone::get("Europe/Berlin").unwrap());
+        // 2026-03-29 02:00-03:00 does not exist in Berlin (clocks go from 02:00 to 03:00 CEST).
+        // It runs at the first time after the gap, 03:00 CEST, then at 02:30 again.
+        let next = berlin.next_after(ts("2026-03-28T12:00:00Z")).unwrap();
+        assert_eq!(next.to_string(), "2026-03-29T01:00:00Z");
+        assert_eq!(berlin.next_after(next).unwrap().to_string(), "2026-03-30T00:30:00Z");
+    }
+
+    #[test]
     fn random_schedules_are_stable_per_job_and_host_and_spread() {
         let s: Spec = "@daily-random".parse().unwrap();
         let t = ts("2026-11-30T00:00:00Z");
