@@ -63,8 +63,10 @@ pub struct ScheduleArgs {
     /// When to check the repository (same forms as --schedule).
     #[arg(long, value_name = "WHEN", env = "SHMBACK_CHECK_SCHEDULE")]
     pub check_schedule: Option<Spec>,
-    /// The scheduled check also reads this part of the packs' data: all, a percentage (5%), the
-    /// n-th of m parts (1/7: a different seventh each run if n changes), or a size (1G).
+    /// The scheduled check also reads this part of the packs' data: all, a percentage (5%, a
+    /// random part each run), the n-th of m parts (1/7), a part named by the date (daily/week:
+    /// another seventh each day, all of it every week; hourly/day, weekly/month, monthly/year), or
+    /// a size (1G).
     #[arg(long, value_name = "SUBSET", env = "SHMBACK_CHECK_READ_DATA_SUBSET", requires = "check_schedule")]
     pub check_read_data_subset: Option<String>,
     /// When to prune: forget by the --keep-* policy, then remove data no snapshot needs (two
@@ -226,9 +228,12 @@ impl ScheduleArgs {
             tasks.push(Task { name: "jobs".into(), schedule: spec.bind(&key.join("+"), host), jobs });
         }
         if let Some(spec) = &self.check_schedule {
-            let (config, opts) = (config.clone(), self.check_options()?);
+            self.check_options()?;
+            let args = self.clone();
+            let config = config.clone();
             let job = Job::new("check", move |_| {
-                let result = crate::commands::check_with(&config, opts);
+                // Parsed at each run: `daily/week` names another part every day.
+                let result = args.check_options().and_then(|opts| crate::commands::check_with(&config, opts));
                 metrics::gauge!("shmback_check_success").set(if result.is_ok() { 1.0 } else { 0.0 });
                 metrics::gauge!("shmback_check_last_timestamp_seconds").set(now_seconds());
                 result
