@@ -587,15 +587,28 @@ impl Transports {
             print_outcome(from, o);
             on_stored_http(o);
         });
-        // With --schedule, the pull is a scheduled job instead of a loop every --pull-interval.
-        let (pull, puller) = match pull {
-            Some(url) if schedule.schedule.is_some() => {
-                (None, Some(Puller::new(config, &url, &http, opts, stop, on_http.clone())?))
+        let prepared = (|| -> anyhow::Result<_> {
+            // With --schedule, the pull is a scheduled job instead of a loop every --pull-interval.
+            let (pull, puller) = match pull {
+                Some(url) if schedule.schedule.is_some() => {
+                    (None, Some(Puller::new(config, &url, &http, opts, stop, on_http.clone())?))
+                }
+                other => (other, None),
+            };
+            let tasks = schedule.tasks(config, &opts.host, &segments, puller)?;
+            let state = if tasks.is_empty() { None } else { Some(schedule.state(&config.location.to_string())?) };
+            Ok((pull, tasks, state))
+        })();
+        let (pull, tasks, state) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(r) = retention {
+                    r.join();
+                }
+                return Err(e);
             }
-            other => (other, None),
         };
-        let tasks = schedule.tasks(config, &opts.host, &segments, puller)?;
-        let state = if tasks.is_empty() { None } else { Some(schedule.state(&config.location.to_string())?) };
         let failed = |r: anyhow::Result<()>| {
             if r.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
