@@ -126,7 +126,7 @@ fn a_run_still_going_when_the_next_is_due_is_skipped() {
     let shm = shm_dir();
     let log = dir.path().join("log");
     let runs = dir.path().join("runs");
-    let job = format!("slow=echo run >> {}; sleep 4", runs.display());
+    let job = format!("slow=echo run >> {}; sleep 10", runs.display());
     let mut up = scheduled(
         &repo,
         &shm.path().join("seg"),
@@ -346,4 +346,44 @@ fn with_a_schedule_the_pull_is_a_job_run_on_it() {
     wait_for_count(&log, "job succeeded job=pull", 2);
     assert!(terminate(&mut up.0).success(), "{}", log_text(&log));
     assert!(snapshot_count(&repo) >= 2);
+}
+
+#[test]
+fn missed_and_skipped_runs_are_counted_by_reason() {
+    metric("warm-up", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let flags = Flags::try_parse_from([
+        "t",
+        "--schedule",
+        "@every 1s",
+        "--job",
+        "countedslow=sleep 3",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    // Last due a minute ago: about 60 runs of `@every 1s` were missed while "down".
+    let mut state = flags.args.state("repo").unwrap();
+    state.set_last_due("jobs", jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60)).unwrap();
+    let tasks = flags.args.tasks(&cfg("/nonexistent"), "host", &[], None).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let opts = SchedulerOptions { tick: Duration::from_millis(50), ..flags.args.options(Duration::from_secs(1)) };
+    let sched =
+        std::thread::spawn(move || run_scheduler(tasks, Some(state), Arc::new(SystemClock), plain(), &opts, &s));
+    let t = Instant::now();
+    while metric("shmback_job_missed_total", &[("job", "countedslow"), ("reason", "overlap")]) < 1.0 {
+        assert!(t.elapsed() < T, "the skipped run was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    sched.join().unwrap();
+    let downtime = metric("shmback_job_missed_total", &[("job", "countedslow"), ("reason", "downtime")]);
+    // 60 while down; a loaded machine may add a few runs the scheduler woke up too late for.
+    assert!((59.0..70.0).contains(&downtime), "{downtime} runs counted as missed during a minute down");
+    // The missed run ran once at start (and was killed at shutdown after its grace period).
+    let runs = metric("shmback_job_runs_total", &[("job", "countedslow"), ("result", "failure")])
+        + metric("shmback_job_runs_total", &[("job", "countedslow"), ("result", "success")]);
+    assert_eq!(runs, 1.0);
 }
