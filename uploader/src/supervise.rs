@@ -317,6 +317,13 @@ fn wait(pid: Pid, reap_all: bool, events: &Sender<Event>) {
             }
         } else {
             debug!(pid = who.as_raw(), "reaped an orphan ({how})");
+            // It may be a scheduled job's process, whose runner waits for this status.
+            let raw = match how {
+                AppExit::Code(code) => (code & 0xff) << 8,
+                AppExit::Signal(sig) => sig & 0x7f,
+                AppExit::Unknown => continue,
+            };
+            crate::schedule::child_reaped(who.as_raw(), std::os::unix::process::ExitStatusExt::from_raw(raw));
         }
     }
 }

@@ -387,3 +387,40 @@ fn missed_and_skipped_runs_are_counted_by_reason() {
         + metric("shmback_job_runs_total", &[("job", "countedslow"), ("result", "success")]);
     assert_eq!(runs, 1.0);
 }
+
+#[test]
+fn as_pid_1_supervising_an_app_the_jobs_statuses_are_still_read() {
+    let (dir, repo) = fresh_repo();
+    let shm = shm_dir();
+    let log = dir.path().join("log");
+    let done = dir.path().join("done");
+    // The app waits (bounded) until a job failed and one succeeded, then exits; shmback then exits
+    // with its status. As PID 1 shmback reaps every child: the jobs' statuses must still reach
+    // their runner, or a good job would be reported failed and a failing one unread.
+    let app = format!("i=0; until [ -e {d} ] || [ $i -gt 600 ]; do i=$((i+1)); sleep 0.05; done", d = done.display());
+    let mut child = Reaped(
+        Command::new("unshare")
+            .args(["--user", "--map-root-user", "--pid", "--fork", "--mount-proc"])
+            .arg(env!("CARGO_BIN_EXE_shmback"))
+            .args(["run", "--segment", shm.path().join("seg").to_str().unwrap()])
+            .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+            .args(["--schedule", "@every 1s", "--job", "good=true", "--job", "bad=exit 5"])
+            .args(["--", "sh", "-c", &app])
+            .env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", PW)
+            .env_remove("TZ")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("running unshare (util-linux)"),
+    );
+    wait_for_count(&log, "job succeeded job=good", 3);
+    wait_for_count(&log, "exited with status 5", 3);
+    std::fs::write(&done, "").unwrap();
+    let status = wait_exit(&mut child.0, T, || format!("shmback did not exit with its app:\n{}", log_text(&log)));
+    assert!(status.success(), "{}", log_text(&log));
+    let text = log_text(&log);
+    assert!(!text.contains("could not be read"), "{text}");
+    assert!(!text.contains("job failed job=good"), "{text}");
+}

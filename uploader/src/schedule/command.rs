@@ -25,6 +25,41 @@ pub const KILL_AFTER: Duration = Duration::from_secs(5);
 /// How often a running job is looked at.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Statuses of children reaped by someone else than their runner (as PID 1, the supervisor's
+/// reaper waits for every child), most recent last.
+static REAPED: Mutex<VecDeque<(i32, ExitStatus)>> = Mutex::new(VecDeque::new());
+/// Statuses kept: far more than processes that end within the moment a runner needs to look.
+const REAPED_KEPT: usize = 256;
+/// How long a runner whose child was reaped elsewhere waits for the reaper to record its status.
+const REAPED_WAIT: Duration = Duration::from_secs(2);
+
+/// A child process was reaped by someone else than its runner (the supervisor, as PID 1): keep
+/// its status for a job runner that may be waiting for it.
+pub fn child_reaped(pid: i32, status: ExitStatus) {
+    let mut reaped = REAPED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if reaped.len() == REAPED_KEPT {
+        reaped.pop_front();
+    }
+    reaped.push_back((pid, status));
+}
+
+/// The status of `pid` if another waiter reaped it (waiting briefly for it to be recorded).
+fn reaped_elsewhere(pid: i32) -> Option<ExitStatus> {
+    let until = Instant::now() + REAPED_WAIT;
+    loop {
+        {
+            let mut reaped = REAPED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(i) = reaped.iter().rposition(|(p, _)| *p == pid) {
+                return reaped.remove(i).map(|(_, s)| s);
+            }
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A `--job` argument: `[NAME=]CMD`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobSpec {
@@ -97,6 +132,9 @@ pub fn run(
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => {
+                break reaped_elsewhere(pid.as_raw()).ok_or(e);
+            }
             Err(e) => break Err(e),
         }
         let now = Instant::now();
@@ -142,10 +180,7 @@ pub fn run(
     let status = match status {
         Ok(status) => status,
         Err(e) => {
-            anyhow::bail!(
-                "job {name}: its exit status could not be read ({e}; as PID 1, was it reaped by the supervisor?), so \
-                 it counts as failed{quoted}"
-            )
+            anyhow::bail!("job {name}: its exit status could not be read ({e}), so it counts as failed{quoted}")
         }
     };
     if let Some((_, why)) = killed {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rustic_core::{CheckOptions, KeepOptions, PruneOptions, ReadSubsetOption, SnapshotGroupCriterion};
 
-pub use command::{JobSpec, valid_job_name};
+pub use command::{JobSpec, child_reaped, valid_job_name};
 pub use retention::{Notifier, Retention};
 pub use scheduler::{
     Around, Clock, Job, JobContext, JobFn, SchedulerOptions, SystemClock, Task, plain, run_job, run_scheduler,
