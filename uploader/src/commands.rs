@@ -62,8 +62,14 @@ pub fn restore_node(repo: &Repository<IndexedFullStatus>, node: &Node, spec: &st
 /// Each finding is logged as it is found; a damaged pack makes the error name the pack(s) and
 /// the repair steps.
 pub fn check(config: &RepositoryConfig, read_data: bool) -> anyhow::Result<()> {
+    check_with(config, CheckOptions::default().read_data(read_data))
+}
+
+/// [`check`] with rustic_core's options: e.g. `read_data_subset` to read only a part of the
+/// packs (a percentage, or the n-th of m parts), as a scheduled check does.
+pub fn check_with(config: &RepositoryConfig, opts: CheckOptions) -> anyhow::Result<()> {
     let repo = open_plain(config)?;
-    let results = repo.check(CheckOptions::default().read_data(read_data))?;
+    let results = repo.check(opts)?;
     let damaged: BTreeSet<String> = results.0.iter().filter_map(|(_, e)| damaged_pack(e)).collect();
     if !damaged.is_empty() {
         let ids: Vec<&str> = damaged.iter().map(String::as_str).collect();
@@ -203,7 +209,18 @@ pub fn forget(
     prune: Option<&PruneOptions>,
     dry_run: bool,
 ) -> anyhow::Result<ForgetReport> {
-    let repo = open_plain(config)?;
+    forget_in(&open_plain(config)?, keep, group_by, prune, dry_run)
+}
+
+/// [`forget`] on a repository already open: the daemon's retention after each stored snapshot
+/// keeps one open rather than deriving the key again for every batch.
+pub fn forget_in(
+    repo: &Repository<OpenStatus>,
+    keep: &KeepOptions,
+    group_by: SnapshotGroupCriterion,
+    prune: Option<&PruneOptions>,
+    dry_run: bool,
+) -> anyhow::Result<ForgetReport> {
     let snaps = repo.get_all_snapshots()?;
     let now = rustic_core::jiff::Zoned::now();
     let groups = ForgetGroups::from_grouped_snapshots_with_retention(Grouped::from_items(snaps, group_by), keep, &now)

@@ -21,6 +21,7 @@ pub mod monitor;
 pub mod progress;
 pub mod repository;
 pub mod restore_if_empty;
+pub mod schedule;
 pub mod serve;
 pub mod supervise;
 

@@ -22,7 +22,10 @@ use shmback_uploader::config::PasswordSources;
 use shmback_uploader::hooks::{HOOK_EXAMPLES, HookArgs, Hooks};
 use shmback_uploader::monitor::{MONITOR_EXAMPLES, MonitorArgs};
 use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
-use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
+use shmback_uploader::schedule::{Retention, ScheduleArgs, SystemClock, plain, run_scheduler};
+use shmback_uploader::serve::{
+    HttpOptions, OnBatch, Puller, bind, listen as listen_http, pull as pull_http, token_from,
+};
 use shmback_uploader::supervise::{Supervise, supervise};
 use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, commands, open_repo, serve_all};
 
@@ -110,7 +113,16 @@ const RUN_EXAMPLES: &str = "Examples:
   # On a fresh lease, bring /data back from the latest snapshot before the app starts:
   shmback run --segment /dev/shm/app --restore-if-empty /data -- /usr/local/bin/app
   # Restore /var/lib/app from what was sent as /data, from snapshots tagged db only:
-  shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app";
+  shmback run --restore-if-empty /var/lib/app:data --restore-tag db -- app
+
+  # A database dump every night at a time of its own, keeping 7 daily and 4 weekly snapshots,
+  # pruning on Sundays and reading a tenth of the data in a check every Saturday (docs/schedules.md):
+  shmback run --schedule @daily-random --job-timeout 3600 --job-shell bash \\
+    --job 'db=set -o pipefail; pg_dump app | shmback-send --stdin db.sql --wait-durable' \\
+    --keep-daily 7 --keep-weekly 4 --prune-schedule '0 3 * * SUN' \\
+    --check-schedule '0 4 * * SAT' --check-read-data-subset 10%
+  # Pull from the app's service every 6 hours instead of every --pull-interval:
+  shmback run --pull http://app:8701 --schedule '@every 6h' --keep-last 20";
 
 /// How log lines are written.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,7 +178,7 @@ enum Cmd {
         /// http://app:8701): once at start, then every --pull-interval.
         #[arg(long, value_name = "URL", env = "SHMBACK_PULL")]
         pull: Option<String>,
-        /// Seconds between pulls.
+        /// Seconds between pulls (--schedule, if given, replaces it).
         #[arg(long, value_name = "SECONDS", env = "SHMBACK_PULL_INTERVAL", default_value_t = 3600)]
         pull_interval: u64,
         /// File holding the HTTP bearer token (else the SHMBACK_TOKEN variable; no flag for the
@@ -213,6 +225,8 @@ enum Cmd {
         app: Vec<OsString>,
         #[command(flatten)]
         monitor: MonitorArgs,
+        #[command(flatten)]
+        schedule: ScheduleArgs,
     },
     /// List snapshots, oldest first.
     #[command(after_help = "Examples:\n  shmback snapshots\n  shmback snapshots --json | jq '.[].id'")]
@@ -441,7 +455,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             hooks,
             app,
             monitor,
+            schedule,
         } => {
+            schedule.validate(pull.is_some())?;
             let config = repository_config(cli)?;
             let mut opts = ServeOptions {
                 grace: Duration::from_secs(*grace),
@@ -478,6 +494,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 every: *pull_interval,
                 http,
                 hooks: hooks.clone(),
+                schedule: schedule.clone(),
             };
             if !app.is_empty() {
                 let sup = Supervise {
@@ -587,6 +604,8 @@ struct Transports {
     http: HttpOptions,
     /// Post hook, pings and webhook of each settled batch.
     hooks: Arc<Hooks>,
+    /// Scheduled jobs, retention, check and prune.
+    schedule: ScheduleArgs,
 }
 
 impl Transports {
@@ -599,26 +618,64 @@ impl Transports {
         stop: &Arc<AtomicBool>,
         ready: Box<dyn FnOnce() + Send>,
     ) -> anyhow::Result<()> {
-        let Transports { segments, listener, pull, every, http, hooks } = self;
-        let settled = {
-            let hooks = hooks.clone();
-            move |from: &str, o: &BatchOutcome| {
-                print_outcome(from, o);
-                hooks.batch(from, o);
+        let Transports { segments, listener, pull, every, http, hooks, schedule } = self;
+        // Retention runs after each stored snapshot, off the batch's path.
+        let retention = schedule.retention(config, stop)?;
+        let notify = retention.as_ref().map(Retention::notifier);
+        let on_stored = move |o: &BatchOutcome| {
+            if let (Some(n), BatchOutcome::Stored { .. }) = (&notify, o) {
+                n.stored();
             }
         };
-        let on_http: OnBatch = Arc::new(settled.clone());
+        let on_stored_http = on_stored.clone();
+        let hooks_http = hooks.clone();
+        let on_http: OnBatch = Arc::new(move |from, o| {
+            print_outcome(from, o);
+            hooks_http.batch(from, o);
+            on_stored_http(o);
+        });
+        let prepared = (|| -> anyhow::Result<_> {
+            // With --schedule, the pull is a scheduled job instead of a loop every --pull-interval.
+            let (pull, puller) = match pull {
+                Some(url) if schedule.schedule.is_some() => {
+                    (None, Some(Puller::new(config, &url, &http, opts, stop, on_http.clone())?))
+                }
+                other => (other, None),
+            };
+            let tasks = schedule.tasks(config, &opts.host, &segments, puller)?;
+            let state = if tasks.is_empty() { None } else { Some(schedule.state(&config.location.to_string())?) };
+            Ok((pull, tasks, state))
+        })();
+        let (pull, tasks, state) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(r) = retention {
+                    r.join();
+                }
+                return Err(e);
+            }
+        };
         let failed = |r: anyhow::Result<()>| {
             if r.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             r
         };
-        std::thread::scope(|scope| {
+        let result = std::thread::scope(|scope| {
             let mut jobs = Vec::new();
             if let Some(listener) = listener {
                 let (on, http) = (on_http.clone(), &http);
                 jobs.push(scope.spawn(move || failed(listen_http(config, listener, http, opts, stop, on))));
+            }
+            if !tasks.is_empty() {
+                let sched_opts = schedule.options(opts.grace);
+                // Every scheduled job runs between the pre and post hooks, with its pings.
+                let around = if hooks.is_empty() { plain() } else { hooks.clone().wrapper() };
+                jobs.push(scope.spawn(move || {
+                    run_scheduler(tasks, state, Arc::new(SystemClock), around, &sched_opts, stop);
+                    Ok(())
+                }));
             }
             if let Some(url) = &pull {
                 let (on, http) = (on_http.clone(), &http);
@@ -630,13 +687,22 @@ impl Transports {
                 Ok(())
             } else {
                 failed(serve_all(config, &segments, opts, stop, ready, |seg: &Path, o: &BatchOutcome| {
-                    settled(&seg.display().to_string(), o)
+                    let from = seg.display().to_string();
+                    print_outcome(&from, o);
+                    hooks.batch(&from, o);
+                    on_stored(o);
                 }))
             };
             jobs.into_iter().fold(result, |result, job| {
                 let r = job.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")));
                 result.and(r)
             })
-        })
+        });
+        // Serving has ended (stop set, or a failure): retention ends with it.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = retention {
+            r.join();
+        }
+        result
     }
 }

@@ -37,6 +37,6 @@ mod shutdown;
 mod source;
 
 pub use batch::{Repo, open_repo, snapshot_id_bytes};
-pub use http::{HttpOptions, OnBatch, bind, listen, pull, token_from};
+pub use http::{HttpOptions, OnBatch, Puller, bind, listen, pull, token_from};
 pub use options::{BatchOutcome, ServeOptions};
 pub use run::{serve, serve_all};

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
 pub use listen::{bind, listen};
-pub use pull::pull;
+pub use pull::{Puller, pull};
 
 use self::body::{BodySource, Chunk};
 use self::producers::Producers;

@@ -29,37 +29,18 @@ pub fn pull(
     stop: &Arc<AtomicBool>,
     on_batch: OnBatch,
 ) -> anyhow::Result<()> {
-    let base = url.trim_end_matches('/').to_string();
-    let parsed: reqwest::Url =
-        base.parse().with_context(|| format!("--pull {url}: not a URL (expected e.g. http://app:8701)"))?;
-    anyhow::ensure!(matches!(parsed.scheme(), "http" | "https"), "--pull {url}: the scheme must be http or https");
-    let fallback_name = parsed.host_str().filter(|h| valid_producer_name(h)).unwrap_or("producer").to_string();
-    let token = match &http.token {
-        Some(t) => Some(String::from_utf8(t.clone()).context("the token must be text (it goes into an HTTP header)")?),
-        None => None,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("shmback-pull")
-        .enable_all()
-        .build()
-        .context("starting the puller's runtime")?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
-    let bodies = Bodies::new(config, opts, http, stop, on_batch, runtime.handle().clone())?;
-    info!(url = %base, ?interval, "pulling batches");
+    let puller = Puller::new(config, url, http, opts, stop, on_batch)?;
+    info!(url = %puller.base, ?interval, "pulling batches");
     let mut retry = RETRY_FIRST;
     loop {
         let started = Instant::now();
-        let wait = match runtime.block_on(pull_once(&bodies, &client, &base, token.as_deref(), &fallback_name)) {
+        let wait = match puller.once() {
             Ok(()) => {
                 retry = RETRY_FIRST;
                 interval.saturating_sub(started.elapsed())
             }
             Err(why) => {
-                warn!(url = %base, "pulling a batch failed: {why}; trying again in {retry:?}");
+                warn!(url = %puller.base, "pulling a batch failed: {why}; trying again in {retry:?}");
                 let wait = retry.min(interval);
                 retry = (retry * 2).min(interval);
                 wait
@@ -75,6 +56,70 @@ pub fn pull(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+    }
+}
+
+/// Pulls one batch at a time from a producer running `shmback-send --serve`: what `--pull`
+/// repeats every `--pull-interval`, and what a scheduled pull (`--pull` with `--schedule`) runs.
+pub struct Puller {
+    base: String,
+    token: Option<String>,
+    fallback_name: String,
+    client: reqwest::Client,
+    bodies: Arc<Bodies>,
+    // Declared last: dropped after the bodies and the client that run on it.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Puller {
+    /// Checks `url` and the token, and prepares the HTTP client; pulls nothing yet.
+    pub fn new(
+        config: &RepositoryConfig,
+        url: &str,
+        http: &HttpOptions,
+        opts: &ServeOptions,
+        stop: &Arc<AtomicBool>,
+        on_batch: OnBatch,
+    ) -> anyhow::Result<Self> {
+        let base = url.trim_end_matches('/').to_string();
+        let parsed: reqwest::Url =
+            base.parse().with_context(|| format!("--pull {url}: not a URL (expected e.g. http://app:8701)"))?;
+        anyhow::ensure!(matches!(parsed.scheme(), "http" | "https"), "--pull {url}: the scheme must be http or https");
+        let fallback_name = parsed.host_str().filter(|h| valid_producer_name(h)).unwrap_or("producer").to_string();
+        let token = match &http.token {
+            Some(t) => {
+                Some(String::from_utf8(t.clone()).context("the token must be text (it goes into an HTTP header)")?)
+            }
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("shmback-pull")
+            .enable_all()
+            .build()
+            .context("starting the puller's runtime")?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        let bodies = Bodies::new(config, opts, http, stop, on_batch, runtime.handle().clone())?;
+        Ok(Puller { base, token, fallback_name, client, bodies, runtime })
+    }
+
+    /// The producer's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// Pulls one batch and serves it; the error says why no snapshot was stored.
+    pub fn once(&self) -> Result<(), String> {
+        self.runtime.block_on(pull_once(
+            &self.bodies,
+            &self.client,
+            &self.base,
+            self.token.as_deref(),
+            &self.fallback_name,
+        ))
     }
 }
 
