@@ -46,8 +46,9 @@ pub struct MonitorArgs {
 /// The `--help` examples of these flags, for the `run` subcommand's.
 pub const MONITOR_EXAMPLES: &str = "  # Prometheus metrics, /healthz and /readyz on port 8702:
   shmback run --segment /dev/shm/app --metrics-addr 0.0.0.0:8702
-  # Unready after 2 failed runs of a job in a row, or 1 h of failing:
-  SHMBACK_METRICS_ADDR=127.0.0.1:8702 shmback run --ready-job-failures 2 --ready-job-failing-for 3600";
+  # Unready after 2 failed runs of a job in a row, or after 1 h of failing:
+  shmback run --metrics-addr 127.0.0.1:8702 --ready-job-failures 2 \\
+    --ready-job-failing-for 3600";
 
 /// When `/readyz` says the daemon is ready.
 #[derive(Clone, Debug)]
