@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod locks;
 pub mod progress;
 pub mod repository;
 pub mod restore_if_empty;
