@@ -166,7 +166,8 @@ pub fn repair_snapshots(
     dry_run: bool,
 ) -> anyhow::Result<RepairSnapshotsReport> {
     // As restic: a dry run takes no lock.
-    let (repo, _lock) = if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
+    let (repo, _lock) =
+        if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
     let repo = repo.to_indexed()?;
     let snaps = if ids.is_empty() { repo.get_all_snapshots()? } else { repo.get_snapshots(ids)? };
     let checked = snaps.len();
@@ -226,7 +227,8 @@ pub fn forget(
     dry_run: bool,
 ) -> anyhow::Result<ForgetReport> {
     // As restic: a dry run takes no lock.
-    let (repo, _lock) = if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
+    let (repo, _lock) =
+        if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
     let snaps = repo.get_all_snapshots()?;
     let now = rustic_core::jiff::Zoned::now();
     let groups = ForgetGroups::from_grouped_snapshots_with_retention(Grouped::from_items(snaps, group_by), keep, &now)

@@ -366,7 +366,8 @@ impl ProcessGate {
             st.exclusive_waiting += 1;
         }
         loop {
-            let free = if exclusive { st.shared == 0 && !st.exclusive } else { !st.exclusive && st.exclusive_waiting == 0 };
+            let free =
+                if exclusive { st.shared == 0 && !st.exclusive } else { !st.exclusive && st.exclusive_waiting == 0 };
             if free {
                 if exclusive {
                     st.exclusive_waiting -= 1;
@@ -385,7 +386,8 @@ impl ProcessGate {
                 if cancelled() {
                     return Err(LockError::Cancelled);
                 }
-                let what = if exclusive && st.shared > 0 { "a batch in flight" } else { "an exclusive command (prune)" };
+                let what =
+                    if exclusive && st.shared > 0 { "a batch in flight" } else { "an exclusive command (prune)" };
                 return Err(LockError::Busy { what, waited });
             }
             let step = (wait - waited).min(Duration::from_millis(200));
@@ -562,7 +564,13 @@ impl Held {
     fn refresh_loop(&self) {
         let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            released = self.wake.wait_timeout(released, self.opts.refresh).unwrap_or_else(|p| p.into_inner()).0;
+            // The flag is checked before waiting too: a release that came before this thread
+            // first waited must not be slept through.
+            released = self
+                .wake
+                .wait_timeout_while(released, self.opts.refresh, |released| !*released)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
             if *released {
                 return;
             }
@@ -818,7 +826,7 @@ pub fn unlock(repo: &Repository<OpenStatus>, remove_all: bool) -> RusticResult<U
 
 /// Describes a lock for `shmback unlock`'s output.
 pub fn describe_lock(id: LockId, lock: Option<&LockFile>) -> String {
-    describe(&(id, lock.cloned()))
+    describe(&(id, lock.cloned())).trim_start().to_string()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::locks::{self, LockArgs};
 use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
 use shmback_uploader::serve::{HttpOptions, OnBatch, bind, listen as listen_http, pull as pull_http, token_from};
 use shmback_uploader::supervise::{Supervise, supervise};
@@ -75,6 +76,8 @@ struct Cli {
     /// once), when-required.
     #[arg(long, global = true, env = "SHMBACK_S3_CHECKSUMS", value_enum, default_value_t = Checksums::Auto)]
     s3_checksums: Checksums,
+    #[command(flatten)]
+    locks: LockArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -250,6 +253,19 @@ enum Cmd {
         #[command(subcommand)]
         what: RepairCmd,
     },
+    /// Remove stale repository locks (restic's `unlock`): those over 30 minutes old, or left by a
+    /// process of this host that is gone; with --remove-all, every lock.
+    ///
+    /// shmback, like restic, writes a lock file under locks/ while it changes the repository
+    /// (`shmback run` only while a batch is in flight); a crashed process leaves its lock behind.
+    #[command(after_help = "Examples:
+  shmback unlock                 # stale locks only: safe while other processes run
+  shmback unlock --remove-all    # every lock: only when nothing else uses the repository")]
+    Unlock {
+        /// Remove every lock, even those of running processes.
+        #[arg(long)]
+        remove_all: bool,
+    },
     /// Try the whole thing on an embedded default: a fresh local repository and segment, the
     /// uploader, `shmback-send` in a second process sending DIR twice, a verified restore.
     #[command(after_help = "Examples:\n  shmback demo\n  shmback demo ~/photos --work /tmp/demo")]
@@ -376,6 +392,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    locks::set_process_options(cli.locks.options());
+    // `restic unlock` on this host asks whether a lock's process lives by sending it SIGHUP,
+    // which would end this one (the supervisor of `run -- APP` handles SIGHUP itself).
+    if !matches!(&cli.cmd, Cmd::Run { app, .. } if !app.is_empty()) {
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::new(AtomicBool::new(false)))?;
+    }
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
             let dir = dir.clone().unwrap_or_else(|| {
@@ -415,6 +437,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 grace: Duration::from_secs(*grace),
                 batch_idle: Duration::from_secs(*batch_idle),
                 max_entries: *max_entries,
+                locks: cli.locks.options(),
                 ..ServeOptions::default()
             };
             if let Some(h) = host {
@@ -452,6 +475,17 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             transports.serve(&config, &opts, &stop, Box::new(|| {}))?;
+        }
+        Cmd::Unlock { remove_all } => {
+            let config = repository_config(cli)?;
+            let report = commands::unlock(&config, *remove_all)?;
+            for (id, lock) in &report.removed {
+                println!("removed {}", locks::describe_lock(*id, lock.as_ref()));
+            }
+            for (id, lock) in &report.kept {
+                println!("kept (not stale): {}", locks::describe_lock(*id, Some(lock)));
+            }
+            println!("successfully removed {} locks", report.removed.len());
         }
         Cmd::Snapshots { json } => {
             let config = repository_config(cli)?;

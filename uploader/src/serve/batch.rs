@@ -110,7 +110,11 @@ pub(crate) fn run_batch(
 /// Takes the batch's repository lock, waiting up to `--retry-lock` for conflicting ones; if it
 /// cannot, why (for the log and the producer, who resends the batch) and the code to send.
 /// (None without a repository handle: the index load below reports that.)
-fn lock_for_batch(repo: &Repo, ring: &Arc<Ring>, opts: &ServeOptions) -> Result<Option<RepoLock>, (String, RejectCode)> {
+fn lock_for_batch(
+    repo: &Repo,
+    ring: &Arc<Ring>,
+    opts: &ServeOptions,
+) -> Result<Option<RepoLock>, (String, RejectCode)> {
     let Some(open) = repo.repo.as_ref() else { return Ok(None) };
     let stopping = || ring.lock().shutdown.requested();
     RepoLock::acquire(open, false, &opts.locks, &repo.fence, &stopping).map(Some).map_err(|e| {
