@@ -50,9 +50,9 @@ head -c 100000 /dev/urandom >&3
 until_ok 60 has_locks 1 || fail "restic lists no lock while a batch is in flight"
 restic --no-lock list locks
 restic --no-lock cat lock "$(restic --no-lock list locks | head -n1)" | tee "$work/lock.json"
-grep -q '"exclusive":false' "$work/lock.json" || fail "the batch's lock is not a non-exclusive restic lock"
-grep -q "\"pid\":$up" "$work/lock.json" || fail "the lock does not name the daemon's pid $up"
-if timeout 120 restic prune > "$work/prune1.log" 2>&1; then fail "restic prune ran while a batch was in flight"; fi
+python3 -c 'import json,sys; l=json.load(open(sys.argv[1])); assert l["exclusive"] is False and l["pid"] == int(sys.argv[2]) and l["hostname"], l' \
+  "$work/lock.json" "$up" || fail "restic does not read the batch's lock as a non-exclusive lock of pid $up"
+if timeout 120 restic prune > "$work/prune1.log" 2>&1 3>&-; then fail "restic prune ran while a batch was in flight"; fi
 grep -q "repository is already locked" "$work/prune1.log" || fail "restic prune failed for another reason"
 echo "restic prune refused: $(grep -m1 'already locked' "$work/prune1.log")"
 
@@ -72,7 +72,8 @@ restic backup --stdin --stdin-filename from-restic.bin < "$work/restic-stdin" > 
 exec 4> "$work/restic-stdin"
 echo "restic's data" >&4
 until_ok 60 has_locks 1 || fail "restic backup took no lock"
-"$bin/shmback" forget --keep-last 1 --prune --retry-lock 5m > "$work/forget.log" 2>&1 & fg=$!; pids+=($fg)
+# (4>&-: it must not keep restic's stdin open itself.)
+"$bin/shmback" forget --keep-last 1 --prune --retry-lock 5m > "$work/forget.log" 2>&1 4>&- & fg=$!; pids+=($fg)
 until_ok 60 log_says "$work/forget.log" "repository already locked, waiting up to 5m0s" \
   || fail "shmback forget --prune did not wait for restic's lock"
 kill -0 $fg 2>/dev/null || fail "shmback forget ended while restic held its lock"
