@@ -101,6 +101,10 @@ const RUN_EXAMPLES: &str = "Examples:
   # Or this one pulls them from the app's service (shmback-send --serve 0.0.0.0:8701 /data):
   shmback run --pull http://app:8701 --pull-interval 3600
 
+  # Wait up to 30 min for another process's repository lock (a restic prune) before a batch
+  # fails and is resent (default 5m; docs/locks.md):
+  shmback run --segment /dev/shm/app --retry-lock 30m
+
   # Entrypoint of one container running the app and the uploader
   # (the app sends its batches with `shmback-send -s /dev/shm/app ...`):
   shmback run --segment /dev/shm/app -- /usr/local/bin/app --port 8080
@@ -231,7 +235,8 @@ enum Cmd {
     #[command(after_help = "Examples:
   shmback forget --keep-last 10 --dry-run
   shmback forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --prune
-  shmback forget --keep-within 30d --group-by host,tags")]
+  shmback forget --keep-within 30d --group-by host,tags
+  shmback forget --keep-daily 7 --prune --retry-lock 1h   # wait for the batch in flight")]
     Forget {
         #[command(flatten)]
         keep: Box<KeepOptions>,

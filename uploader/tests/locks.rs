@@ -263,7 +263,7 @@ fn a_prune_in_this_process_waits_for_the_batch_in_flight() {
     let keep = KeepOptions::default().keep_last(1);
     let prune = PruneOptions::default();
     let forget = || commands::forget(&cfg(&loc), &keep, SnapshotGroupCriterion::default(), Some(&prune), false);
-    let e = forget().err().expect("no prune while a batch of this process is in flight");
+    let e = forget().expect_err("no prune while a batch of this process is in flight");
     assert!(e.to_string().contains("a batch in flight in this process"), "{e:#}");
     assert_eq!(locks_in(&loc).len(), 1, "only the batch's lock");
 
