@@ -22,12 +22,12 @@ pub fn open_plain(config: &RepositoryConfig) -> anyhow::Result<Repository<OpenSt
 
 /// Opens the repository for a command and takes the restic lock restic's command of the same
 /// name takes (`exclusive` for forget, prune, repair and check), waiting up to `--retry-lock`
-/// (`locks::process_options`). Writes are refused unless the lock is valid; it is released when
+/// (`config.locks`). Writes are refused unless the lock is valid; it is released when
 /// the returned [`RepoLock`] is dropped.
 pub fn open_locked(config: &RepositoryConfig, exclusive: bool) -> anyhow::Result<(Repository<OpenStatus>, RepoLock)> {
     let fence = Fence::default();
     let repo = repository::open(config, Purpose::Command, |b| fence.wrap(b))?;
-    let lock = RepoLock::acquire(&repo, exclusive, &locks::process_options(), &fence, &|| false)?;
+    let lock = RepoLock::acquire(&repo, exclusive, &config.locks, &fence, &|| false)?;
     Ok((repo, lock))
 }
 

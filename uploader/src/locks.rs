@@ -254,19 +254,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| format!("expected a duration that is not negative, found {s}"))
 }
 
-static PROCESS_OPTIONS: OnceLock<LockOptions> = OnceLock::new();
-
-/// Sets the lock options of this process's commands (`commands::*`), once, from the command line;
-/// their signatures stay those of the restic commands they mirror. Later calls change nothing.
-pub fn set_process_options(opts: LockOptions) {
-    let _ = PROCESS_OPTIONS.set(opts);
-}
-
-/// The lock options of this process's commands ([`set_process_options`], else the defaults).
-pub fn process_options() -> LockOptions {
-    PROCESS_OPTIONS.get().cloned().unwrap_or_default()
-}
-
 /// Why a lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {

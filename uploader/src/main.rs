@@ -319,6 +319,7 @@ fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
         password: Password::resolve(&sources)?,
         s3: s3_options(cli),
         env: Env::process(),
+        locks: cli.locks.options(),
     })
 }
 
@@ -397,7 +398,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
-    locks::set_process_options(cli.locks.options());
     // `restic unlock` on this host asks whether a lock's process lives by sending it SIGHUP,
     // which would end this one (the supervisor of `run -- APP` handles SIGHUP itself).
     if !matches!(&cli.cmd, Cmd::Run { app, .. } if !app.is_empty()) {
@@ -442,7 +442,6 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 grace: Duration::from_secs(*grace),
                 batch_idle: Duration::from_secs(*batch_idle),
                 max_entries: *max_entries,
-                locks: cli.locks.options(),
                 ..ServeOptions::default()
             };
             if let Some(h) = host {

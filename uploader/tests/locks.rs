@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -17,9 +16,9 @@ use jiff::{SignedDuration, Timestamp};
 use rustic_core::{FileType, KeepOptions, OpenStatus, PruneOptions, Repository, SnapshotGroupCriterion};
 use shmback_proto::RejectCode;
 use shmback_uploader::commands::{self, open_plain};
-use shmback_uploader::locks::{Fence, LockFile, LockId, LockOptions, RepoLock, set_process_options, this_host};
+use shmback_uploader::locks::{Fence, LockFile, LockId, LockOptions, RepoLock, this_host};
 use shmback_uploader::repository::{self, Purpose};
-use shmback_uploader::{ServeOptions, serve::snapshot_id_bytes};
+use shmback_uploader::{RepositoryConfig, serve::snapshot_id_bytes};
 use shmback_writer::WriteError;
 
 /// Lock timings for in-process tests: waits of a couple of seconds, quick retries.
@@ -32,10 +31,9 @@ fn quick_locks(retry: Duration) -> LockOptions {
     }
 }
 
-/// The commands run in this process wait at most 2 s for a lock.
-fn commands_wait_2s() {
-    static SET: OnceLock<()> = OnceLock::new();
-    SET.get_or_init(|| set_process_options(quick_locks(Duration::from_secs(2))));
+/// The test repository at `loc`, its locks waited for at most `retry`.
+fn cfg_waiting(loc: &str, retry: Duration) -> RepositoryConfig {
+    RepositoryConfig { locks: quick_locks(retry), ..cfg(loc) }
 }
 
 fn repo_of(loc: &str) -> Repository<OpenStatus> {
@@ -85,7 +83,6 @@ fn poll(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_batch_in_flight_holds_a_restic_lock_and_releases_it_once_stored() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let shm = shm_dir();
     let seg = shm.path().join("seg");
@@ -121,13 +118,12 @@ fn a_batch_in_flight_holds_a_restic_lock_and_releases_it_once_stored() {
 
 #[test]
 fn a_foreign_exclusive_lock_makes_a_batch_wait_then_fail_unacked_and_the_resent_batch_is_stored() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let other = foreign_lock(&loc, true, "prune-host", SignedDuration::ZERO);
     let shm = shm_dir();
     let seg = shm.path().join("seg");
-    let opts = ServeOptions { locks: quick_locks(Duration::from_secs(1)), ..quick_opts() };
-    let server = Server::start_with(&loc, &seg, opts, |o| Some(format!("{o:?}")));
+    let config = cfg_waiting(&loc, Duration::from_secs(1));
+    let server = Server::start_config(config, &seg, quick_opts(), |o| Some(format!("{o:?}")));
 
     let got = good_batch(&seg, "blocked");
     assert!(
@@ -149,7 +145,6 @@ fn a_foreign_exclusive_lock_makes_a_batch_wait_then_fail_unacked_and_the_resent_
 
 #[test]
 fn the_daemon_waits_for_a_foreign_lock_and_stores_the_batch_once_it_is_gone() {
-    commands_wait_2s();
     let (dir, loc) = fresh_repo();
     let other = foreign_lock(&loc, true, "prune-host", SignedDuration::ZERO);
     let shm = shm_dir();
@@ -174,7 +169,6 @@ fn the_daemon_waits_for_a_foreign_lock_and_stores_the_batch_once_it_is_gone() {
 
 #[test]
 fn stale_locks_are_ignored_and_unlock_removes_them_but_not_live_ones() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let host = this_host();
     // Older than 30 minutes, from anywhere; and fresh, from this host, by a process that is gone.
@@ -188,8 +182,8 @@ fn stale_locks_are_ignored_and_unlock_removes_them_but_not_live_ones() {
 
     let shm = shm_dir();
     let seg = shm.path().join("seg");
-    let opts = ServeOptions { locks: quick_locks(Duration::from_secs(1)), ..quick_opts() };
-    let server = Server::start_with(&loc, &seg, opts, |o| Some(format!("{o:?}")));
+    let config = cfg_waiting(&loc, Duration::from_secs(1));
+    let server = Server::start_config(config, &seg, quick_opts(), |o| Some(format!("{o:?}")));
     good_batch(&seg, "despite stale locks").unwrap();
     server.stop();
 
@@ -209,7 +203,6 @@ fn stale_locks_are_ignored_and_unlock_removes_them_but_not_live_ones() {
 
 #[test]
 fn forget_prune_waits_for_a_shared_lock_and_fails_cleanly_after_the_bound() {
-    commands_wait_2s();
     let (dir, loc) = fresh_repo();
     let shm = shm_dir();
     let seg = shm.path().join("seg");
@@ -251,7 +244,6 @@ fn forget_prune_waits_for_a_shared_lock_and_fails_cleanly_after_the_bound() {
 
 #[test]
 fn a_prune_in_this_process_waits_for_the_batch_in_flight() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let shm = shm_dir();
     let seg = shm.path().join("seg");
@@ -262,7 +254,8 @@ fn a_prune_in_this_process_waits_for_the_batch_in_flight() {
 
     let keep = KeepOptions::default().keep_last(1);
     let prune = PruneOptions::default();
-    let forget = || commands::forget(&cfg(&loc), &keep, SnapshotGroupCriterion::default(), Some(&prune), false);
+    let config = cfg_waiting(&loc, Duration::from_secs(2));
+    let forget = || commands::forget(&config, &keep, SnapshotGroupCriterion::default(), Some(&prune), false);
     let e = forget().expect_err("no prune while a batch of this process is in flight");
     assert!(e.to_string().contains("a batch in flight in this process"), "{e:#}");
     assert_eq!(locks_in(&loc).len(), 1, "only the batch's lock");
@@ -284,7 +277,6 @@ fn a_prune_in_this_process_waits_for_the_batch_in_flight() {
 
 #[test]
 fn a_lock_that_cannot_be_refreshed_in_time_stops_every_write() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let fence = Fence::default();
     let repo = repository::open(&cfg(&loc), Purpose::Command, |b| fence.wrap(b)).unwrap();
@@ -309,7 +301,6 @@ fn a_lock_that_cannot_be_refreshed_in_time_stops_every_write() {
 
 #[test]
 fn a_held_lock_is_refreshed_replacing_its_file() {
-    commands_wait_2s();
     let (_r, loc) = fresh_repo();
     let fence = Fence::default();
     let repo = repository::open(&cfg(&loc), Purpose::Command, |b| fence.wrap(b)).unwrap();

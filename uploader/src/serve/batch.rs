@@ -15,7 +15,7 @@ use super::pump::{BatchEnd, Ring};
 use super::reader::BatchSource;
 use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
-use crate::locks::{Fence, LockError, RepoLock};
+use crate::locks::{Fence, LockError, LockOptions, RepoLock};
 use crate::repository::{self, Purpose};
 use shmback_proto::RejectCode;
 
@@ -26,6 +26,8 @@ pub struct Repo {
     gate: Gate,
     /// Lets writes through only while a batch holds a valid repository lock.
     fence: Fence,
+    /// How each batch takes its lock (the repository config's).
+    locks: LockOptions,
 }
 
 /// Opens (or, with `init`, creates) the repository `config` names, with the snapshot gate in
@@ -39,7 +41,7 @@ pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> 
         let be = if init { be } else { fence.wrap(be) };
         Arc::new(GatedBackend::new(be, gate.clone()))
     })?;
-    Ok(Repo { repo: Some(repo), gate, fence })
+    Ok(Repo { repo: Some(repo), gate, fence, locks: config.locks.clone() })
 }
 
 /// Archives one batch whose manifest is complete and says how it went, and whether the
@@ -62,7 +64,7 @@ pub(crate) fn run_batch(
     );
     // A non-exclusive restic lock from the index load to the snapshot stored: a `restic prune`
     // (or this process's own prune) cannot delete packs this batch uploads but has not indexed.
-    let _lock = match lock_for_batch(repo, ring, opts) {
+    let _lock = match lock_for_batch(repo, ring) {
         Ok(lock) => lock,
         Err((why, code)) => {
             ring.lock().skip_rest_of_batch();
@@ -110,14 +112,10 @@ pub(crate) fn run_batch(
 /// Takes the batch's repository lock, waiting up to `--retry-lock` for conflicting ones; if it
 /// cannot, why (for the log and the producer, who resends the batch) and the code to send.
 /// (None without a repository handle: the index load below reports that.)
-fn lock_for_batch(
-    repo: &Repo,
-    ring: &Arc<Ring>,
-    opts: &ServeOptions,
-) -> Result<Option<RepoLock>, (String, RejectCode)> {
+fn lock_for_batch(repo: &Repo, ring: &Arc<Ring>) -> Result<Option<RepoLock>, (String, RejectCode)> {
     let Some(open) = repo.repo.as_ref() else { return Ok(None) };
     let stopping = || ring.lock().shutdown.requested();
-    RepoLock::acquire(open, false, &opts.locks, &repo.fence, &stopping).map(Some).map_err(|e| {
+    RepoLock::acquire(open, false, &repo.locks, &repo.fence, &stopping).map(Some).map_err(|e| {
         let code = if matches!(e, LockError::Cancelled) { RejectCode::ShuttingDown } else { RejectCode::StorageFailed };
         (without_empty_backtraces(&format!("batch not stored, resend it later: {e}")), code)
     })

@@ -50,8 +50,6 @@ pub struct ServeOptions {
     /// sharing each path's prefix with the one before): the entry cap alone does not bound a
     /// manifest of long, unrelated paths.
     pub max_manifest_bytes: usize,
-    /// The repository lock each batch holds while in flight (`--retry-lock`; `crate::locks`).
-    pub locks: crate::locks::LockOptions,
 }
 
 impl Default for ServeOptions {
@@ -70,7 +68,6 @@ impl Default for ServeOptions {
             // Several times the largest real trees we know of (a few million files).
             max_entries: 5_000_000,
             max_manifest_bytes: 1 << 30,
-            locks: crate::locks::LockOptions::default(),
         }
     }
 }
