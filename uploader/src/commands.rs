@@ -12,6 +12,7 @@ use rustic_core::{
 };
 
 use crate::config::RepositoryConfig;
+use crate::locks::{self, Fence, RepoLock, UnlockReport};
 use crate::repository::{self, Purpose};
 
 /// Opens the repository for a command (no snapshot gate; progress bars on a terminal).
@@ -19,9 +20,27 @@ pub fn open_plain(config: &RepositoryConfig) -> anyhow::Result<Repository<OpenSt
     repository::open(config, Purpose::Command, |b| b)
 }
 
+/// Opens the repository for a command and takes the restic lock restic's command of the same
+/// name takes (`exclusive` for forget, prune, repair and check), waiting up to `--retry-lock`
+/// (`config.locks`). Writes are refused unless the lock is valid; it is released when
+/// the returned [`RepoLock`] is dropped.
+pub fn open_locked(config: &RepositoryConfig, exclusive: bool) -> anyhow::Result<(Repository<OpenStatus>, RepoLock)> {
+    let fence = Fence::default();
+    let repo = repository::open(config, Purpose::Command, |b| fence.wrap(b))?;
+    let lock = RepoLock::acquire(&repo, exclusive, &config.locks, &fence, &|| false)?;
+    Ok((repo, lock))
+}
+
+/// Removes stale locks (restic's `unlock`): older than 30 minutes, or left by a process of this
+/// host that is gone; with `remove_all`, every lock (only when nothing else uses the repository).
+pub fn unlock(config: &RepositoryConfig, remove_all: bool) -> anyhow::Result<UnlockReport> {
+    Ok(locks::unlock(&open_plain(config)?, remove_all)?)
+}
+
 /// All snapshots, oldest first.
 pub fn snapshots(config: &RepositoryConfig) -> anyhow::Result<Vec<SnapshotFile>> {
-    let mut s = open_plain(config)?.get_all_snapshots()?;
+    let (repo, _lock) = open_locked(config, false)?;
+    let mut s = repo.get_all_snapshots()?;
     s.sort_by(|a, b| a.time.cmp(&b.time));
     Ok(s)
 }
@@ -35,7 +54,8 @@ pub fn snapshots(config: &RepositoryConfig) -> anyhow::Result<Vec<SnapshotFile>>
 /// stop the others; a file whose contents could not be restored is removed rather than left
 /// full of zeros, and the error lists every such entry.
 pub fn restore(config: &RepositoryConfig, spec: &str, dest: &Path) -> anyhow::Result<()> {
-    let repo = open_plain(config)?.to_indexed()?;
+    let (repo, _lock) = open_locked(config, false)?;
+    let repo = repo.to_indexed()?;
     let node = repo.node_from_snapshot_path(spec, |_| true).with_context(|| format!("finding {spec}"))?;
     restore_node(&repo, &node, spec, dest)
 }
@@ -68,7 +88,7 @@ pub fn check(config: &RepositoryConfig, read_data: bool) -> anyhow::Result<()> {
 /// [`check`] with rustic_core's options: e.g. `read_data_subset` to read only a part of the
 /// packs (a percentage, or the n-th of m parts), as a scheduled check does.
 pub fn check_with(config: &RepositoryConfig, opts: CheckOptions) -> anyhow::Result<()> {
-    let repo = open_plain(config)?;
+    let (repo, _lock) = open_locked(config, true)?;
     let results = repo.check(opts)?;
     let damaged: BTreeSet<String> = results.0.iter().filter_map(|(_, e)| damaged_pack(e)).collect();
     if !damaged.is_empty() {
@@ -119,7 +139,7 @@ pub struct RepairIndexReport {
 /// read and added, entries of packs that are gone are dropped. With `read_all`, every pack header
 /// is read again. Nothing is written with `dry_run`.
 pub fn repair_index(config: &RepositoryConfig, read_all: bool, dry_run: bool) -> anyhow::Result<RepairIndexReport> {
-    let repo = open_plain(config)?;
+    let (repo, _lock) = open_locked(config, true)?;
     let before = repo.list::<IndexId>()?.count();
     repo.repair_index(&RepairIndexOptions::default().read_all(read_all), dry_run)?;
     let after = repo.list::<IndexId>()?.count();
@@ -151,7 +171,10 @@ pub fn repair_snapshots(
     forget: bool,
     dry_run: bool,
 ) -> anyhow::Result<RepairSnapshotsReport> {
-    let repo = open_plain(config)?.to_indexed()?;
+    // As restic: a dry run takes no lock.
+    let (repo, _lock) =
+        if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
+    let repo = repo.to_indexed()?;
     let snaps = if ids.is_empty() { repo.get_all_snapshots()? } else { repo.get_snapshots(ids)? };
     let checked = snaps.len();
     let old: BTreeSet<_> = repo.get_all_snapshots()?.into_iter().map(|s| s.id).collect();
@@ -209,11 +232,15 @@ pub fn forget(
     prune: Option<&PruneOptions>,
     dry_run: bool,
 ) -> anyhow::Result<ForgetReport> {
-    forget_in(&open_plain(config)?, keep, group_by, prune, dry_run)
+    // As restic: a dry run takes no lock.
+    let (repo, _lock) =
+        if dry_run { (open_plain(config)?, None) } else { open_locked(config, true).map(|(r, l)| (r, Some(l)))? };
+    forget_in(&repo, keep, group_by, prune, dry_run)
 }
 
-/// [`forget`] on a repository already open: the daemon's retention after each stored snapshot
-/// keeps one open rather than deriving the key again for every batch.
+/// [`forget`] on a repository already open (and locked by the caller, exclusively unless
+/// `dry_run`): the daemon's retention after each stored snapshot keeps one open rather than
+/// deriving the key again for every batch.
 pub fn forget_in(
     repo: &Repository<OpenStatus>,
     keep: &KeepOptions,

@@ -149,6 +149,8 @@ pub struct RepositoryConfig {
     pub s3: S3Options,
     /// The variables of the backends (credentials, endpoints), read once.
     pub env: Env,
+    /// How its restic locks are taken (`--retry-lock`; `crate::locks`).
+    pub locks: crate::locks::LockOptions,
 }
 
 impl RepositoryConfig {
@@ -160,6 +162,7 @@ impl RepositoryConfig {
             password: Password::new(password),
             s3: S3Options::default(),
             env: Env::process(),
+            locks: crate::locks::LockOptions::default(),
         })
     }
 }

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod health;
 pub mod hooks;
 pub mod init;
+pub mod locks;
 pub mod monitor;
 pub mod progress;
 pub mod repository;

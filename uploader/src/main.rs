@@ -20,6 +20,7 @@ use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_em
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
 use shmback_uploader::hooks::{HOOK_EXAMPLES, HookArgs, Hooks};
+use shmback_uploader::locks::{self, LockArgs};
 use shmback_uploader::monitor::{MONITOR_EXAMPLES, MonitorArgs};
 use shmback_uploader::restore_if_empty::{RestoreIfEmpty, SnapshotFilter};
 use shmback_uploader::schedule::{Retention, ScheduleArgs, SystemClock, plain, run_scheduler};
@@ -84,6 +85,8 @@ struct Cli {
     /// timestamp, level, fields.message and the other fields, target).
     #[arg(long, global = true, env = "SHMBACK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    locks: LockArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -106,6 +109,10 @@ const RUN_EXAMPLES: &str = "Examples:
   SHMBACK_TOKEN_FILE=/run/secrets/token shmback run --listen 0.0.0.0:8700
   # Or this one pulls them from the app's service (shmback-send --serve 0.0.0.0:8701 /data):
   shmback run --pull http://app:8701 --pull-interval 3600
+
+  # Wait up to 30 min for another process's repository lock (a restic prune) before a batch
+  # fails and is resent (default 5m; docs/locks.md):
+  shmback run --segment /dev/shm/app --retry-lock 30m
 
   # Entrypoint of one container running the app and the uploader
   # (the app sends its batches with `shmback-send -s /dev/shm/app ...`):
@@ -261,7 +268,8 @@ enum Cmd {
     #[command(after_help = "Examples:
   shmback forget --keep-last 10 --dry-run
   shmback forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --prune
-  shmback forget --keep-within 30d --group-by host,tags")]
+  shmback forget --keep-within 30d --group-by host,tags
+  shmback forget --keep-daily 7 --prune --retry-lock 1h   # wait for the batch in flight")]
     Forget {
         #[command(flatten)]
         keep: Box<KeepOptions>,
@@ -282,6 +290,19 @@ enum Cmd {
     Repair {
         #[command(subcommand)]
         what: RepairCmd,
+    },
+    /// Remove stale repository locks (restic's `unlock`): those over 30 minutes old, or left by a
+    /// process of this host that is gone; with --remove-all, every lock.
+    ///
+    /// shmback, like restic, writes a lock file under locks/ while it changes the repository
+    /// (`shmback run` only while a batch is in flight); a crashed process leaves its lock behind.
+    #[command(after_help = "Examples:
+  shmback unlock                 # stale locks only: safe while other processes run
+  shmback unlock --remove-all    # every lock: only when nothing else uses the repository")]
+    Unlock {
+        /// Remove every lock, even those of running processes.
+        #[arg(long)]
+        remove_all: bool,
     },
     /// Try the whole thing on an embedded default: a fresh local repository and segment, the
     /// uploader, `shmback-send` in a second process sending DIR twice, a verified restore.
@@ -331,6 +352,7 @@ fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
         password: Password::resolve(&sources)?,
         s3: s3_options(cli),
         env: Env::process(),
+        locks: cli.locks.options(),
     })
 }
 
@@ -420,6 +442,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    // `restic unlock` on this host asks whether a lock's process lives by sending it SIGHUP,
+    // which would end this one (the supervisor of `run -- APP` handles SIGHUP itself).
+    if !matches!(&cli.cmd, Cmd::Run { app, .. } if !app.is_empty()) {
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::new(AtomicBool::new(false)))?;
+    }
     match &cli.cmd {
         Cmd::Demo { dir, work } => {
             let dir = dir.clone().unwrap_or_else(|| {
@@ -514,6 +541,17 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let served = transports.serve(&config, &opts, &stop, Box::new(|| {}));
             hooks.finish(NOTIFY_GRACE);
             served?;
+        }
+        Cmd::Unlock { remove_all } => {
+            let config = repository_config(cli)?;
+            let report = commands::unlock(&config, *remove_all)?;
+            for (id, lock) in &report.removed {
+                println!("removed {}", locks::describe_lock(*id, lock.as_ref()));
+            }
+            for (id, lock) in &report.kept {
+                println!("kept (not stale): {}", locks::describe_lock(*id, Some(lock)));
+            }
+            println!("successfully removed {} locks", report.removed.len());
         }
         Cmd::Snapshots { json } => {
             let config = repository_config(cli)?;

@@ -277,7 +277,10 @@ pub fn restore_if_empty(
         }
     }
     let Some((first, ..)) = todo.first() else { return Ok(outcomes) };
-    let repo = commands::open_plain(config)?.to_indexed().context("reading the repository's index")?;
+    // A non-exclusive lock, as restic's restore takes: a prune elsewhere cannot remove packs
+    // under the restore.
+    let (repo, _lock) = commands::open_locked(config, false)?;
+    let repo = repo.to_indexed().context("reading the repository's index")?;
     let all = repo.get_all_snapshots().context("listing the repository's snapshots")?;
     if all.is_empty() {
         for (spec, ..) in &todo {

@@ -139,6 +139,11 @@ impl ReadBackend for LocalBackend {
                 Err(e) => Err(rustic(io_failure("read", &path, e))),
             };
         }
+        if tpe == FileType::Lock && !self.root.join(tpe.dirname()).is_dir() {
+            // A repository no lock was written to yet (shmback before its locks) has no locks/;
+            // the listing below would log that as an error at every lock check.
+            return Ok(vec![]);
+        }
         self.inner.list_with_size(tpe)
     }
 
@@ -161,6 +166,8 @@ impl WriteBackend for LocalBackend {
             .iter()
             .filter(|t| **t != FileType::Config)
             .map(|t| self.root.join(t.dirname()))
+            // restic's layout: locks/ too (not in ALL_FILE_TYPES, see docs/upstream/0007).
+            .chain(std::iter::once(self.root.join(FileType::Lock.dirname())))
             .chain((0u8..=255).map(|i| self.root.join("data").join(format!("{i:02x}"))));
         for dir in std::iter::once(self.root.clone()).chain(dirs) {
             self.mkdir_all(&dir).map_err(rustic)?;

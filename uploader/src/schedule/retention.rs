@@ -16,6 +16,7 @@ use tracing::{error, info};
 
 use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
+use crate::locks::{Fence, RepoLock};
 use crate::repository::{self, Purpose};
 
 /// The job name retention reports under (metrics, health).
@@ -87,7 +88,7 @@ fn worker(
     woken: &Receiver<()>,
     stop: &AtomicBool,
 ) {
-    let mut repo: Option<Repository<OpenStatus>> = None;
+    let mut repo: Option<(Repository<OpenStatus>, Fence)> = None;
     loop {
         match woken.recv_timeout(Duration::from_millis(200)) {
             Ok(()) => {}
@@ -100,7 +101,7 @@ fn worker(
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let started = Instant::now();
-        let result = apply(config, &mut repo, keep, group_by);
+        let result = apply(config, &mut repo, keep, group_by, stop);
         let elapsed = started.elapsed();
         metrics::histogram!("shmback_job_duration_seconds", "job" => JOB).record(elapsed.as_secs_f64());
         match result {
@@ -129,18 +130,27 @@ fn worker(
     }
 }
 
-/// Applies the policy once; the number of snapshots removed.
+/// Applies the policy once, under an exclusive repository lock as restic's `forget` takes (in
+/// this process it waits for the batches in flight, and new ones wait for it); the number of
+/// snapshots removed.
 fn apply(
     config: &RepositoryConfig,
-    repo: &mut Option<Repository<OpenStatus>>,
+    repo: &mut Option<(Repository<OpenStatus>, Fence)>,
     keep: &KeepOptions,
     group_by: SnapshotGroupCriterion,
+    stop: &AtomicBool,
 ) -> anyhow::Result<usize> {
-    let open = match repo.take() {
+    let (open, fence) = match repo.take() {
         Some(r) => r,
-        None => repository::open(config, Purpose::Serve, |b| b)?,
+        None => {
+            let fence = Fence::default();
+            (repository::open(config, Purpose::Serve, |b| fence.wrap(b))?, fence)
+        }
     };
-    let report = crate::commands::forget_in(&open, keep, group_by, None, false)?;
-    *repo = Some(open);
+    let report = {
+        let _lock = RepoLock::acquire(&open, true, &config.locks, &fence, &|| stop.load(Ordering::Relaxed))?;
+        crate::commands::forget_in(&open, keep, group_by, None, false)?
+    };
+    *repo = Some((open, fence));
     Ok(report.removed)
 }

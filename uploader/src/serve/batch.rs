@@ -15,6 +15,7 @@ use super::pump::{BatchEnd, Ring};
 use super::reader::BatchSource;
 use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
+use crate::locks::{Fence, LockError, LockOptions, RepoLock};
 use crate::repository::{self, Purpose};
 use shmback_proto::RejectCode;
 
@@ -23,15 +24,24 @@ pub struct Repo {
     /// Taken out while a batch is archived (with the index loaded).
     repo: Option<Repository<OpenStatus>>,
     gate: Gate,
+    /// Lets writes through only while a batch holds a valid repository lock.
+    fence: Fence,
+    /// How each batch takes its lock (the repository config's).
+    locks: LockOptions,
 }
 
 /// Opens (or, with `init`, creates) the repository `config` names, with the snapshot gate in
 /// front of its backend.
 pub fn open_repo(config: &RepositoryConfig, init: bool) -> anyhow::Result<Repo> {
     let gate = Gate::default();
+    let fence = Fence::default();
     let purpose = if init { Purpose::Create } else { Purpose::Serve };
-    let repo = repository::open(config, purpose, |be| Arc::new(GatedBackend::new(be, gate.clone())))?;
-    let repo = Repo { repo: Some(repo), gate };
+    let repo = repository::open(config, purpose, |be| {
+        // `init` writes the config and key before any lock can exist (restic's `init` takes none).
+        let be = if init { be } else { fence.wrap(be) };
+        Arc::new(GatedBackend::new(be, gate.clone()))
+    })?;
+    let repo = Repo { repo: Some(repo), gate, fence, locks: config.locks.clone() };
     if !init {
         crate::health::repository_opened();
         repo.count_snapshots();
@@ -69,6 +79,15 @@ pub(crate) fn run_batch(
         host = ?begin.labels.host,
         "batch started"
     );
+    // A non-exclusive restic lock from the index load to the snapshot stored: a `restic prune`
+    // (or this process's own prune) cannot delete packs this batch uploads but has not indexed.
+    let _lock = match lock_for_batch(repo, ring) {
+        Ok(lock) => lock,
+        Err((why, code)) => {
+            ring.lock().skip_rest_of_batch();
+            return (BatchOutcome::Rejected { seq, why, code }, Ok(()));
+        }
+    };
     // The index is loaded for each batch, not kept from the last: deduplication and the parent
     // snapshot's "unchanged file" shortcut trust it, so it must say what the repository holds
     // now (an index file removed meanwhile must not be believed), and between batches the
@@ -108,6 +127,18 @@ pub(crate) fn run_batch(
     // (which would otherwise keep a large batch's peak for the daemon's life).
     shmback_proto::release_free_memory();
     (outcome, Ok(()))
+}
+
+/// Takes the batch's repository lock, waiting up to `--retry-lock` for conflicting ones; if it
+/// cannot, why (for the log and the producer, who resends the batch) and the code to send.
+/// (None without a repository handle: the index load below reports that.)
+fn lock_for_batch(repo: &Repo, ring: &Arc<Ring>) -> Result<Option<RepoLock>, (String, RejectCode)> {
+    let Some(open) = repo.repo.as_ref() else { return Ok(None) };
+    let stopping = || ring.lock().shutdown.requested();
+    RepoLock::acquire(open, false, &repo.locks, &repo.fence, &stopping).map(Some).map_err(|e| {
+        let code = if matches!(e, LockError::Cancelled) { RejectCode::ShuttingDown } else { RejectCode::StorageFailed };
+        (without_empty_backtraces(&format!("batch not stored, resend it later: {e}")), code)
+    })
 }
 
 fn archive(

@@ -76,12 +76,22 @@ impl<O: Send + 'static> Server<O> {
         repo: &str,
         seg: &Path,
         opts: ServeOptions,
+        keep: impl FnMut(&BatchOutcome) -> Option<O> + Send + 'static,
+    ) -> Self {
+        Server::start_config(cfg(repo), seg, opts, keep)
+    }
+
+    /// Serves `seg` like [`Server::start_with`], with the repository configuration `config`.
+    pub fn start_config(
+        config: RepositoryConfig,
+        seg: &Path,
+        opts: ServeOptions,
         mut keep: impl FnMut(&BatchOutcome) -> Option<O> + Send + 'static,
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, seg2, repo) = (stop.clone(), seg.to_path_buf(), repo.to_string());
+        let (stop2, seg2) = (stop.clone(), seg.to_path_buf());
         let handle = std::thread::spawn(move || {
-            let mut r = open_repo(&cfg(&repo), false).unwrap();
+            let mut r = open_repo(&config, false).unwrap();
             let mut out = vec![];
             serve(&mut r, &seg2, &opts, &stop2, |o| out.extend(keep(o))).unwrap();
             out

@@ -1235,6 +1235,25 @@ impl<S: Open> Repository<S> {
         self.dbe().get_file(id)
     }
 
+    /// Save a [`RepoFile`] (encrypted, and compressed in a version 2 repository, as its type
+    /// requires); its id is the hash of the bytes written.
+    ///
+    /// # Errors
+    ///
+    /// * If the file could not be serialized or written.
+    pub fn save_file<F: RepoFile>(&self, file: &F) -> RusticResult<F::Id> {
+        self.dbe().save_file(file).map(F::Id::from)
+    }
+
+    /// Remove the repository file `id` names.
+    ///
+    /// # Errors
+    ///
+    /// * If the file could not be removed.
+    pub fn remove_file<I: RepoId>(&self, id: &I) -> RusticResult<()> {
+        self.dbe().remove(I::TYPE, id, false)
+    }
+
     /// Read all files of a given [`RepoFile`]
     ///
     /// # Errors

@@ -56,7 +56,7 @@ pub trait IndexedFull: IndexedIds {
 }
 
 /// Open Status: This repository is open, i.e. the password has been checked and the decryption key is available.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OpenStatus {
     /// The cache
     pub(super) cache: Option<Cache>,
