@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::backends::env::Env;
+use crate::backends::limit::Bandwidth;
 use crate::backends::location::{Location, LocationError};
 use crate::backends::s3::S3Options;
 
@@ -149,6 +150,8 @@ pub struct RepositoryConfig {
     pub s3: S3Options,
     /// The variables of the backends (credentials, endpoints), read once.
     pub env: Env,
+    /// Bandwidth limits applied to its backend (the process's buckets, shared by clones).
+    pub limits: Bandwidth,
 }
 
 impl RepositoryConfig {
@@ -160,6 +163,7 @@ impl RepositoryConfig {
             password: Password::new(password),
             s3: S3Options::default(),
             env: Env::process(),
+            limits: Bandwidth::unlimited(),
         })
     }
 }

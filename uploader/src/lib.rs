@@ -13,6 +13,7 @@
 pub mod backends;
 pub mod commands;
 pub mod config;
+pub mod copy;
 pub mod demo;
 pub mod health;
 pub mod progress;
