@@ -184,6 +184,11 @@ impl Bandwidth {
         let rate = |l: &Option<Arc<Limiter>>| l.as_ref().map_or(0.0, |l| l.bytes_per_second() as f64);
         metrics::gauge!("shmback_upload_limit_bytes_per_second").set(rate(&bw.upload));
         metrics::gauge!("shmback_download_limit_bytes_per_second").set(rate(&bw.download));
+        if !bw.is_unlimited() {
+            let show =
+                |kib: Option<u32>| kib.filter(|k| *k > 0).map_or("unlimited".to_string(), |k| format!("{k} KiB/s"));
+            tracing::info!(upload = %show(upload_kib), download = %show(download_kib), "bandwidth limit of this process");
+        }
         bw
     }
 
