@@ -14,8 +14,9 @@
 //! long. The backends take whole buffers, though: a write is paced *before* it is handed over
 //! (the object then leaves at line speed, in one piece), a read of known length before it is
 //! asked for, and a whole-file read after it arrived. The rate is therefore held on average over
-//! any span of a few objects, while on the wire each object is one burst: with 16 MiB packs at
-//! 1 MiB/s, 16 s of silence, then one pack at full speed (docs/bandwidth.md).
+//! any span of a few objects, while on the wire each object is one burst: with 32 MiB packs (the
+//! engine's default size for data) at 1 MiB/s, 32 s of silence, then one pack at full speed
+//! (docs/bandwidth.md).
 
 use std::fmt;
 use std::num::NonZeroU32;
