@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::backends::env::Env;
+use crate::backends::limit::Bandwidth;
 use crate::backends::location::{Location, LocationError};
 use crate::backends::s3::S3Options;
 
@@ -151,6 +152,8 @@ pub struct RepositoryConfig {
     pub env: Env,
     /// How its restic locks are taken (`--retry-lock`; `crate::locks`).
     pub locks: crate::locks::LockOptions,
+    /// Bandwidth limits applied to its backend (the process's buckets, shared by clones).
+    pub limits: Bandwidth,
 }
 
 impl RepositoryConfig {
@@ -163,6 +166,7 @@ impl RepositoryConfig {
             s3: S3Options::default(),
             env: Env::process(),
             locks: crate::locks::LockOptions::default(),
+            limits: Bandwidth::unlimited(),
         })
     }
 }

@@ -3,7 +3,7 @@
 //! The uploader drains /dev/shm rings straight into rustic_core: each committed batch becomes
 //! exactly one restic-format snapshot, and the producer's ticket resolves only once that snapshot
 //! is stored. The engine (batch source, snapshot gate, serve loop over one or several segments),
-//! the repository commands, the demo, and the restic backends (`backends`: locations, local, S3, REST,
+//! the repository commands (`copy` to a second repository among them), the demo, and the restic backends (`backends`: locations, local, S3, REST,
 //! rclone, GCS, Azure, B2, SFTP, Swift) are here, and the supervisor of `shmback run -- APP`
 //! (`supervise`, with `restore_if_empty` to bring an app's data back on a fresh machine).
 //! Map of the crate: `docs/ARCHITECTURE.md`; design: `docs/decisions/0002-uploader-engine.md`
@@ -13,6 +13,7 @@
 pub mod backends;
 pub mod commands;
 pub mod config;
+pub mod copy;
 pub mod demo;
 pub mod health;
 pub mod hooks;

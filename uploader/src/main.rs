@@ -17,8 +17,10 @@ use rustic_core::{KeepOptions, PruneOptions, SnapshotGroupCriterion};
 use shmback_proto::SegmentOptions;
 use shmback_uploader::backends::env::Env;
 use shmback_uploader::backends::failure::{EXIT_STATUS_HELP, classify, without_empty_backtraces};
+use shmback_uploader::backends::limit::{LIMIT_EXAMPLES, LimitArgs};
 use shmback_uploader::backends::s3::{Checksums, Provider, S3Options};
 use shmback_uploader::config::PasswordSources;
+use shmback_uploader::copy::{COPY_EXAMPLES, CopyArgs};
 use shmback_uploader::hooks::{HOOK_EXAMPLES, HookArgs, Hooks};
 use shmback_uploader::locks::{self, LockArgs};
 use shmback_uploader::monitor::{MONITOR_EXAMPLES, MonitorArgs};
@@ -37,7 +39,7 @@ use shmback_uploader::{BatchOutcome, Password, RepositoryConfig, ServeOptions, c
 /// restic, there is no flag for the password itself: it would show in `ps`); restic 0.14+ and
 /// rustic read what shmback writes.
 #[derive(Parser)]
-#[command(name = "shmback", version, after_help = format!("{TOP_EXAMPLES}\n\n{EXIT_STATUS_HELP}"))]
+#[command(name = "shmback", version, after_help = format!("{TOP_EXAMPLES}\n\n{LIMIT_EXAMPLES}\n\n{EXIT_STATUS_HELP}"))]
 struct Cli {
     /// Repository: a directory, `local:PATH`, `s3:[http(s)://]host[:port]/bucket[/prefix]`,
     /// `gs:bucket:/prefix`, `azure:container:/prefix`, `swift:container:/prefix`, `b2:bucket:prefix`,
@@ -87,6 +89,8 @@ struct Cli {
     log_format: LogFormat,
     #[command(flatten)]
     locks: LockArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -285,6 +289,18 @@ enum Cmd {
         #[command(flatten)]
         prune_opts: Box<PruneOptions>,
     },
+    /// Copy snapshots to another repository (restic's `copy`): those not there yet, with their
+    /// data, deduplicated against it; the two may have different passwords and backends.
+    ///
+    /// A snapshot is there already if a snapshot of the target has it as its original (or its
+    /// id): running copy again copies nothing new. The target's password comes from
+    /// --to-password-file, --to-password-command or SHMBACK_TO_PASSWORD; both repositories use the
+    /// same backend variables (credentials) and the same --limit-* buckets.
+    #[command(after_help = COPY_EXAMPLES)]
+    Copy {
+        #[command(flatten)]
+        args: CopyArgs,
+    },
     /// Repair the repository: rebuild its index from the packs, or cut lost data out of snapshots.
     #[command(after_help = REPAIR_EXAMPLES)]
     Repair {
@@ -353,6 +369,7 @@ fn repository_config(cli: &Cli) -> anyhow::Result<RepositoryConfig> {
         s3: s3_options(cli),
         env: Env::process(),
         locks: cli.locks.options(),
+        limits: cli.limits.bandwidth(),
     })
 }
 
@@ -574,6 +591,24 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let config = repository_config(cli)?;
             commands::check(&config, *read_data)?;
             println!("no errors were found");
+        }
+        Cmd::Copy { args } => {
+            let source = repository_config(cli)?;
+            let target = args.target(&source)?;
+            let report = shmback_uploader::copy::copy(&source, &target, &args.filter()?, args.init_target)?;
+            if report.created_target {
+                println!("created repository {}", target.location);
+            }
+            for s in &report.copied {
+                println!("copied {}", commands::snapshot_line(s));
+            }
+            println!(
+                "{} snapshots selected, {} already in {}, {} copied",
+                report.selected,
+                report.present,
+                target.location,
+                report.copied.len()
+            );
         }
         Cmd::Repair { what: RepairCmd::Index { read_all, dry_run } } => {
             let config = repository_config(cli)?;

@@ -42,7 +42,10 @@ pub fn open(
         )
         .into());
     }
-    let backends = RepositoryBackends::new(wrap(backends.repository()), backends.repo_hot());
+    // The limits wrap the backend itself, so every layer above (the snapshot gate, rustic_core's
+    // decryption) is paced by what actually goes over the wire.
+    let limited = |be: Arc<dyn WriteBackend>| config.limits.wrap(be);
+    let backends = RepositoryBackends::new(wrap(limited(backends.repository())), backends.repo_hot().map(limited));
     let opts = RepositoryOptions::default();
     let repo = if purpose == Purpose::Command && interactive() {
         Repository::new_with_progress(&opts, &backends, TerminalBars)?

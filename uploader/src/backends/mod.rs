@@ -3,7 +3,7 @@
 //!
 //! Shared pieces: [`location`] (restic's location syntax), [`env`] (the environment every backend
 //! reads, empty meaning unset, secrets masked in messages), [`failure`] (the backend-neutral kind
-//! of a failure, for the exit status).
+//! of a failure, for the exit status), [`limit`] (bandwidth limits around any of them).
 
 pub mod azure;
 pub mod b2;
@@ -11,6 +11,7 @@ mod dal;
 pub mod env;
 pub mod failure;
 pub mod gcs;
+pub mod limit;
 pub mod local;
 pub mod location;
 pub mod rclone;
