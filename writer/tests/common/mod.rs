@@ -55,8 +55,19 @@ impl Received {
 pub fn receive(c: &mut Consumer<Segment>, mut on_manifest: impl FnMut(&[Entry])) -> Result<Received, String> {
     let mut dec = BatchDecoder::new();
     let mut got: Option<Received> = None;
+    let attach_by = std::time::Instant::now() + T;
     loop {
-        let f = c.recv(T).map_err(|e| e.to_string())?;
+        let f = match c.recv(T) {
+            // Before the first frame, the previous producer of a reused segment may still be the
+            // one recorded (gone) while the next one is starting: wait for it to attach.
+            Err(shmback_proto::RingError::PeerGone { .. })
+                if got.is_none() && std::time::Instant::now() < attach_by =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            r => r.map_err(|e| e.to_string())?,
+        };
         let frame = f.decode().map_err(|e| e.to_string())?;
         let ev = dec.feed(frame).map_err(|e| e.to_string())?;
         let r = got.as_mut();

@@ -51,7 +51,13 @@ pub struct Serve {
 enum Event {
     Signal(Signal),
     Outcome(Outcome),
+    /// A send has ended (sent or not): outcomes that arrived while it was ending can be settled.
+    SendEnded,
 }
+
+/// Outcomes kept while a send ends: the uploader may post a batch's outcome as soon as it has the
+/// last chunk, before the sending thread has recorded the batch as sent.
+const PENDING_OUTCOMES: usize = 16;
 
 struct Shared {
     token: Option<String>,
@@ -115,22 +121,42 @@ pub fn run(cfg: Serve) -> Result<u8, String> {
         }
     });
     eprintln!("shmback-send: serving batches on http://{addr}{} (pull mode)", stream::PULL_PATH);
+    let mut pending: Vec<Outcome> = Vec::new();
     for ev in rx {
-        match ev {
+        let outcomes = match ev {
             Event::Signal(sig) => {
                 eprintln!("shmback-send: {sig}: stopping");
                 return Ok(0);
             }
-            Event::Outcome(o) => {
-                if let Some(status) = settle(&shared, &o)
-                    && cfg.once
-                {
-                    return Ok(status);
+            // For a batch not recorded as sent while a send is going on: kept until it ends.
+            Event::Outcome(o)
+                if shared.busy.load(Ordering::Acquire)
+                    && !shared.sent.lock().expect("sent").contains(&outcome_seq(&o)) =>
+            {
+                if pending.len() < PENDING_OUTCOMES {
+                    pending.push(o);
                 }
+                continue;
+            }
+            Event::Outcome(o) => vec![o],
+            Event::SendEnded => std::mem::take(&mut pending),
+        };
+        for o in outcomes {
+            if let Some(status) = settle(&shared, &o)
+                && cfg.once
+            {
+                return Ok(status);
             }
         }
     }
     Ok(1)
+}
+
+/// The batch an outcome is about.
+fn outcome_seq(o: &Outcome) -> u64 {
+    match o {
+        Outcome::Stored { seq, .. } | Outcome::Refused { seq, .. } => *seq,
+    }
 }
 
 /// Logs an outcome; its exit status when it settles the batch.
@@ -311,6 +337,7 @@ fn send_batch(shared: &Shared, mut conn: TcpStream) {
         Err(e) => eprintln!("shmback-send: batch not sent: {e}"),
     }
     shared.busy.store(false, Ordering::Release);
+    let _ = shared.events.send(Event::SendEnded);
 }
 
 fn outcome(shared: &Shared, mut conn: TcpStream, head: Head) {
