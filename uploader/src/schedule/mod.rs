@@ -259,9 +259,19 @@ impl ScheduleArgs {
     }
 
     /// Loads the scheduler's state for the repository at `location` (see [`State`]).
+    /// A `--state-dir` that cannot be used is an error; the default one (e.g. on a read-only
+    /// root file system) is only warned about, and the state is then kept in memory.
     pub fn state(&self, location: &str) -> anyhow::Result<State> {
-        let dir = self.state_dir.clone().unwrap_or_else(default_state_dir);
-        State::load(&dir, location)
+        if let Some(dir) = &self.state_dir {
+            return State::load(dir, location);
+        }
+        let dir = default_state_dir();
+        State::load(&dir, location).or_else(|e| {
+            tracing::warn!(
+                "{e:#}; the schedule's last runs are kept in memory only, so a run missed while the daemon is down                  goes unnoticed: give a writable --state-dir (SHMBACK_STATE_DIR) on a persistent volume"
+            );
+            Ok(State::in_memory())
+        })
     }
 
     /// The scheduler's options, with `grace` for running jobs at shutdown.

@@ -26,6 +26,8 @@ struct File {
 pub struct State {
     path: PathBuf,
     file: File,
+    /// False for a state kept in memory only ([`State::in_memory`]).
+    persist: bool,
 }
 
 impl State {
@@ -51,7 +53,12 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
             Err(e) => return Err(e).with_context(|| format!("reading the scheduler's state file {}", path.display())),
         };
-        Ok(State { path, file })
+        Ok(State { path, file, persist: true })
+    }
+
+    /// A state that is not saved: runs missed while the daemon was down go unnoticed.
+    pub fn in_memory() -> Self {
+        State { path: PathBuf::new(), file: File::default(), persist: false }
     }
 
     /// Where the state is kept.
@@ -71,6 +78,9 @@ impl State {
     }
 
     fn save(&self) -> anyhow::Result<()> {
+        if !self.persist {
+            return Ok(());
+        }
         let tmp = self.path.with_extension("json.new");
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
