@@ -66,7 +66,17 @@ pub fn restore_node(repo: &Repository<IndexedFullStatus>, node: &Node, spec: &st
     let ls = repo.ls(node, &LsOptions::default())?;
     let dest_str = dest.to_str().context("restore destination is not UTF-8")?;
     let dest = LocalDestination::new(dest_str, true, !node.is_dir())?;
-    let opts = RestoreOptions::default();
+    // Ownership is restored only by a process that may change it (root, or CAP_CHOWN): as any
+    // other user every chown of another's file fails, once per file (a restore init container
+    // running as the app's uid). The files then belong to the user restoring, as with restic.
+    let chown = may_chown();
+    if !chown {
+        tracing::info!(
+            uid = nix::unistd::geteuid().as_raw(),
+            "restoring without CAP_CHOWN: files belong to this user, their recorded owners are not restored"
+        );
+    }
+    let opts = RestoreOptions::default().no_ownership(!chown);
     let plan = repo.prepare_restore(&opts, ls.clone(), &dest, false)?;
     repo.restore(plan, &opts, ls, &dest).map_err(|e| {
         anyhow::anyhow!(
@@ -75,6 +85,17 @@ pub fn restore_node(repo: &Repository<IndexedFullStatus>, node: &Node, spec: &st
             e.display_log()
         )
     })
+}
+
+/// Whether this process may give files to other users: CAP_CHOWN in its effective set (root
+/// has it unless a container dropped it); if that cannot be read, whether it runs as root.
+fn may_chown() -> bool {
+    const CAP_CHOWN: u64 = 1 << 0;
+    let effective = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+        u64::from_str_radix(&hex, 16).ok()
+    });
+    effective.map_or_else(|| nix::unistd::geteuid().is_root(), |caps| caps & CAP_CHOWN != 0)
 }
 
 /// Checks the repository's structure (and, with `read_data`, every pack's content).

@@ -141,3 +141,50 @@ fn metadata_of_a_restored_link_is_set_on_the_link_only() {
     assert_eq!(vm.modified().unwrap(), old);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
 }
+
+#[test]
+fn a_restore_that_may_not_give_files_away_says_so_once_not_once_per_file() {
+    // A restore init container runs as the app's user, without CAP_CHOWN: the snapshot's files
+    // belong to another user (4242 here). As root (CI) the restore runs as `nobody` through
+    // setpriv, which drops every capability; as any other user it runs as that user.
+    let (work, repo) = fresh_repo();
+    send(
+        &repo,
+        vec![Box::new(|b| {
+            let meta = shmback_writer::EntryMeta { uid: 4242, gid: 4242, ..shmback_writer::EntryMeta::default() };
+            for i in 0..25 {
+                b.add_reader(format!("owned/f{i}"), None, meta, std::io::Cursor::new(format!("file {i}"))).unwrap();
+            }
+        })],
+    );
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let dest = work.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    // `nobody` reads the repository and writes the destination.
+    let open_up = std::process::Command::new("chmod").arg("-R").arg("a+rwX").arg(work.path()).status().unwrap();
+    assert!(open_up.success());
+    let mut restore = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_shmback")]);
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shmback"))
+    };
+    let out = restore
+        .args(["restore", "latest", dest.to_str().unwrap()])
+        .env("RESTIC_REPOSITORY", &repo)
+        .env("RESTIC_PASSWORD", common::PW)
+        .env_remove("RESTIC_PASSWORD_FILE")
+        .env_remove("RESTIC_PASSWORD_COMMAND")
+        .output()
+        .expect("running the restore (setpriv from util-linux, as root)");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(listing(&dest.join("owned")).len(), 25, "{log}");
+    assert_eq!(std::fs::read_to_string(dest.join("owned/f7")).unwrap(), "file 7");
+    assert!(!log.contains("failed"), "no warning per file:\n{log}");
+    assert_eq!(log.matches("restoring without CAP_CHOWN").count(), 1, "one line says it:\n{log}");
+}
