@@ -610,7 +610,7 @@ impl RepoLock {
         let guard = gate.enter(exclusive, opts.retry, cancelled)?;
         let (id, lock) = acquire_file(fence, repo, exclusive, opts, start, cancelled)?;
         let waited = start.elapsed();
-        metrics::gauge!("shmback_lock_wait_seconds_total").increment(waited.as_secs_f64());
+        metrics::histogram!("shmback_lock_wait_seconds").record(waited.as_secs_f64());
         metrics::gauge!("shmback_locks_held", "kind" => kind_label(exclusive)).increment(1.0);
         let held = Arc::new(Held {
             repo: repo.clone(),
@@ -712,7 +712,7 @@ fn acquire_file(
         }
         let waited = start.elapsed();
         if waited >= opts.retry || cancelled() {
-            metrics::gauge!("shmback_lock_wait_seconds_total").increment(waited.as_secs_f64());
+            metrics::histogram!("shmback_lock_wait_seconds").record(waited.as_secs_f64());
             if cancelled() {
                 return Err(LockError::Cancelled);
             }

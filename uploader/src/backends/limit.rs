@@ -100,14 +100,14 @@ impl Limiter {
     }
 
     /// Takes `bytes` from the bucket, sleeping as long as needed, and counts the wait in
-    /// `shmback_throttled_seconds_total{direction}`.
+    /// the `shmback_throttled_seconds{direction}` histogram (its `_sum` is the total wait).
     pub fn throttle(&self, bytes: u64) {
         let waited = self.take(bytes, std::thread::sleep);
         if !waited.is_zero() {
-            // The metrics facade's counters are integers; a gauge that only ever rises keeps the
-            // fractions of a second (rate() reads it as it would a counter).
-            metrics::gauge!("shmback_throttled_seconds_total", "direction" => self.direction.label())
-                .increment(waited.as_secs_f64());
+            // A histogram: its `_sum` counts the seconds with their fractions (the metrics
+            // facade's counters are integers), its `_count` the waits.
+            metrics::histogram!("shmback_throttled_seconds", "direction" => self.direction.label())
+                .record(waited.as_secs_f64());
         }
     }
 }
