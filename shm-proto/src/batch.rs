@@ -267,13 +267,13 @@ impl BatchDecoder {
                 }
                 other => Err(self.fail(format!("{:?} frame inside the manifest", other.kind()))),
             },
-            State::Data { .. } if matches!(self.want, Want::Asked { .. }) => match frame {
-                Frame::Wanted { covered, digest } => self.apply_want(covered, digest),
-                other => Err(self.fail(format!(
-                    "{:?} frame before WANTED in a batch that asked for a want-list",
-                    other.kind()
-                ))),
-            },
+            State::Data { .. } if matches!(self.want, Want::Asked { .. }) => {
+                match frame {
+                    Frame::Wanted { covered, digest } => self.apply_want(covered, digest),
+                    other => Err(self
+                        .fail(format!("{:?} frame before WANTED in a batch that asked for a want-list", other.kind()))),
+                }
+            }
             State::Data { entries, file, received, total } => match frame {
                 Frame::Data(bytes) => {
                     let Some(&size) = self.sizes.get(*file) else {

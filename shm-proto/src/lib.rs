@@ -62,9 +62,9 @@ pub mod want;
 
 pub use batch::{BatchDecoder, BatchError, Event};
 pub use frame::{Begin, CodecError, Entry, EntryKind, Frame, FrameKind, Labels};
-pub use want::WantList;
 pub use ring::{Consumer, FrameRef, Memory, Producer, RejectCode, Reservation, RingConfig, RingError, Role};
 #[cfg(not(loom))]
 pub use segment::{Segment, SegmentError, SegmentInfo, SegmentOptions};
 #[cfg(not(loom))]
 pub use sys::{process_start_ticks, release_free_memory};
+pub use want::WantList;

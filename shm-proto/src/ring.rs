@@ -901,15 +901,22 @@ impl<M: Memory> Consumer<M> {
             cached_head,
             publish_bytes: publish_bytes(&cfg, capacity),
         };
-        // Tell producers this consumer answers want-lists, for the epoch it attached in (an
-        // older consumer attaching later bumps the epoch without rewriting these, so producers
-        // stop asking it). Release: the codec is visible to whoever acquires the epoch it names.
-        if !mem.reverse().is_empty() {
+        Self { mem, st, cfg }
+    }
+
+    /// Tells producers that this consumer answers want-lists (PROTOCOL.md, "The want-list"):
+    /// records codec version 2 for the epoch it attached in. A consumer that calls this must
+    /// answer every batch that sends WANT ([`Consumer::publish_want`]); one that does not call
+    /// it is never asked. Another consumer attaching later bumps the epoch, so an older build
+    /// that never writes these fields is not asked either. No effect without a reverse area.
+    pub fn answer_want_lists(&mut self) {
+        let sh = self.mem.shared();
+        if !self.mem.reverse().is_empty() {
             let epoch = sh.consumer.epoch.load(Ordering::Acquire);
             sh.batch.consumer_codec.store(u32::from(crate::frame::CODEC_VERSION), Ordering::Relaxed);
+            // Release: the codec is visible to a producer that acquires the epoch it names.
             sh.batch.codec_epoch.store(epoch, Ordering::Release);
         }
-        Self { mem, st, cfg }
     }
 
     /// Answers batch `seq`'s WANT: writes `list` into the reverse area, cut to what the area

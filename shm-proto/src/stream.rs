@@ -28,7 +28,9 @@
 //! assert_eq!(frames.len(), 2);
 //! ```
 
-use crate::frame::{CODEC_VERSION, CodecError, MIN_CODEC_VERSION, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind};
+use crate::frame::{
+    CODEC_VERSION, CodecError, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind, MIN_CODEC_VERSION,
+};
 
 /// Content-Type of a body carrying frames.
 pub const CONTENT_TYPE: &str = "application/vnd.shmback.frames.v1";
@@ -183,7 +185,10 @@ impl FrameAssembler {
             return Err(StreamError::Version { at, found: h.version });
         }
         if h.kind == FrameKind::Want as u8 || h.kind == FrameKind::Wanted as u8 {
-            let what = format!("frame type {} (a want-list frame) cannot appear in a stream: want-lists travel only in a ring", h.kind);
+            let what = format!(
+                "frame type {} (a want-list frame) cannot appear in a stream: want-lists travel only in a ring",
+                h.kind
+            );
             return Err(StreamError::BadHeader { at, what });
         }
         if h.flags != 0 {

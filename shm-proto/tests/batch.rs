@@ -301,7 +301,12 @@ fn want_list_frames_out_of_place_or_naming_another_list_are_rejected() {
     // WANT after an entry; WANTED in a batch that did not ask.
     let e = run(vec![begin(1), file("a", Some(1)), Frame::Want]).unwrap_err();
     assert!(e.contains("not right after BEGIN"), "{e}");
-    let e = run(vec![begin(1), file("a", Some(1)), Frame::EndOfManifest { entries: 1 }, Frame::Wanted { covered: 0, digest: 0 }])
-        .unwrap_err();
+    let e = run(vec![
+        begin(1),
+        file("a", Some(1)),
+        Frame::EndOfManifest { entries: 1 },
+        Frame::Wanted { covered: 0, digest: 0 },
+    ])
+    .unwrap_err();
     assert!(e.contains("Wanted frame in the data section"), "{e}");
 }

@@ -70,7 +70,12 @@ pub fn job_finished(name: &str, error: Option<&str>) {
         let failures_in_a_row = if error.is_some() { before + 1 } else { 0 };
         h.jobs.insert(
             name.to_string(),
-            JobState { at: SystemTime::now(), ok: error.is_none(), failures_in_a_row, error: error.map(str::to_string) },
+            JobState {
+                at: SystemTime::now(),
+                ok: error.is_none(),
+                failures_in_a_row,
+                error: error.map(str::to_string),
+            },
         );
     });
 }
