@@ -6,7 +6,8 @@
 //! rustic opens files from several worker threads, so the reader whose file owns the next DATA
 //! frame copies it straight from the ring into rustic's buffer (one copy), the others wait. Files
 //! rustic drops unopened (unchanged since the parent snapshot) are marked skipped and their bytes
-//! drained by whoever steps the pump next.
+//! drained by whoever steps the pump next; with a want-list (`want.rs`) their bytes never come,
+//! and a left-out file the archiver opens after all fails the batch at once.
 
 use std::ffi::OsStr;
 use std::io::{self, Read};
@@ -30,6 +31,20 @@ fn read(ring: &Ring, file: u64, buf: &mut [u8]) -> io::Result<usize> {
             // The decoder accepts COMMIT only after every file's bytes: nothing is left.
             Some(BatchEnd::Committed) => return Ok(0),
             None => {}
+        }
+        if !pump.file_wanted(file) {
+            // The want-list left it out because the parent had it unchanged, yet the archiver
+            // wants its bytes: the parent changed since (removed, or its data gone from the
+            // index). No data will come; the batch fails and the producer sends it again.
+            let why = format!(
+                "file {file} was left out by the want-list (unchanged since the parent snapshot), but the \
+                 archiver reads it: the parent snapshot or its data changed between the want-list and the \
+                 archive; send the batch again"
+            );
+            pump.fail(why.clone(), RejectCode::StorageFailed);
+            drop(pump);
+            ring.notify();
+            return Err(io::Error::other(why));
         }
         if pump.file_done(file) {
             return Ok(0);
