@@ -211,3 +211,85 @@ impl ReadSource for BatchSource {
         SourceEntries { entries: entries.into_iter(), ring: self.ring.clone(), next_file: 0 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use shmback_proto::{Begin, Entry, Frame, Labels, Segment, SegmentOptions, WantList};
+
+    use super::*;
+    use crate::serve::pump::{ManifestFrame, Pump};
+    use crate::serve::shutdown::Shutdown;
+    use crate::serve::source::Source;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn file(path: &str, size: u64) -> Frame<'static> {
+        let path = path.as_bytes().to_vec();
+        Frame::Entry(Entry {
+            path,
+            kind: EntryKind::File,
+            size: Some(size),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            target: vec![],
+        })
+    }
+
+    /// The engine opens a file the want-list left out (its pinned parent vanished): the reader
+    /// fails the batch at once instead of waiting for bytes that will never come; the wanted
+    /// file's bytes still arrive whole.
+    #[test]
+    fn a_left_out_file_the_archiver_opens_fails_the_batch_at_once() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = shm.path().join("seg");
+        let opts = SegmentOptions { capacity: Some(64 << 10), ..SegmentOptions::default() };
+        let mut consumer = Segment::consumer(&path, &opts).unwrap();
+        consumer.answer_want_lists();
+        let mut producer = Segment::producer(&path, &opts).unwrap();
+        let epoch = producer.consumer_epoch();
+        for f in [Frame::Begin(Begin { seq: 1, labels: Labels::default() }), Frame::Want, file("a", 3), file("b", 2)] {
+            producer.send(&f, T).unwrap();
+        }
+        producer.send(&Frame::EndOfManifest { entries: 2 }, T).unwrap();
+        producer.flush();
+
+        let shutdown = Shutdown::new(Arc::new(AtomicBool::new(false)), T);
+        let ring = Arc::new(Ring::new(Pump::new(Source::Ring(consumer), Duration::from_millis(10), T, shutdown)));
+        loop {
+            match ring.lock().next_manifest_frame().unwrap() {
+                ManifestFrame::EndOfManifest => break,
+                ManifestFrame::Invalid(why) => panic!("{why}"),
+                _ => {}
+            }
+        }
+        assert!(ring.lock().want_asked());
+        ring.lock().start_data();
+        let mut list = WantList::none_of(2);
+        list.want(1);
+        assert_eq!(ring.lock().publish_want(&list), list);
+
+        let got = producer.wait_want(1, epoch, 2, T).unwrap();
+        assert_eq!(got, list);
+        producer.send(&Frame::Wanted { covered: got.covered(), digest: got.digest() }, T).unwrap();
+        producer.send(&Frame::Data(b"bb"), T).unwrap();
+        producer.send(&Frame::Commit { entries: 2, bytes: 2 }, T).unwrap();
+        producer.flush();
+
+        let mut buf = [0u8; 8];
+        assert_eq!(read(&ring, 1, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"bb");
+        let e = read(&ring, 0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("left out by the want-list"), "{e}");
+        match ring.lock().end() {
+            Some(BatchEnd::Failed(why, RejectCode::StorageFailed)) => {
+                assert!(why.contains("send the batch again"), "{why}")
+            }
+            other => panic!("the batch must fail as storage-failed (resend), got {other:?}"),
+        }
+    }
+}
