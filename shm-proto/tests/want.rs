@@ -1,6 +1,6 @@
 //! The want-list exchange on heap memory and on a real segment: who is asked, what an answer
 //! must look like to be trusted, a consumer replaced between the answer and the data, a stale
-//! answer, a rejection while the producer waits. Runs under miri too.
+//! answer, a rejection while the producer waits.
 #![cfg(not(loom))]
 
 mod common;
