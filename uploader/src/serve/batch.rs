@@ -74,16 +74,7 @@ pub(crate) fn run_batch(
         // The parent is looked up once, answers the want-list and is the one the archive uses.
         let parent = want::find_parent(&indexed, &snap);
         if ring.lock().want_asked() {
-            let list = want::want_list(&indexed, parent.as_ref(), &entries);
-            let files = list.covered();
-            let published = ring.lock().publish_want(&list);
-            info!(
-                seq,
-                files,
-                unchanged = published.unwanted_of(files),
-                parent = ?parent.as_ref().map(|p| p.id.to_string()),
-                "want-list published"
-            );
+            want::answer(&indexed, parent.as_ref(), &entries, ring, seq);
         }
         archive(&indexed, &repo.gate, snap, parent.as_ref(), BatchSource::new(entries, ring.clone()), ring)
     });

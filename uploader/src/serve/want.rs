@@ -14,14 +14,16 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
+use std::time::Instant;
 
 use rustic_core::repofile::{Node, SnapshotFile};
 use rustic_core::{IndexedIdsStatus, ParentOptions, Repository, SnapshotGroup, SnapshotGroupCriterion, StringList};
 use shmback_proto::{Entry, EntryKind, WantList};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::manifest::Entries;
 use super::node::entry_to_node;
+use super::pump::Ring;
 
 /// The parent snapshot a batch is archived against: the one rustic_core would pick by default
 /// (the latest of the same host, label and paths), looked up once and then pinned.
@@ -41,6 +43,33 @@ pub(crate) fn pinned(parent: Option<&SnapshotFile>) -> ParentOptions {
     }
 }
 
+/// Answers batch `seq`'s WANT: computes its want-list, publishes it to the producer, logs and
+/// counts what it leaves out.
+pub(crate) fn answer(
+    repo: &Repository<IndexedIdsStatus>,
+    parent: Option<&SnapshotFile>,
+    entries: &Entries,
+    ring: &Ring,
+    seq: u64,
+) {
+    let started = Instant::now();
+    let list = want_list(repo, parent, entries);
+    let files = list.covered();
+    let published = ring.lock().publish_want(&list);
+    let unchanged = published.unwanted_of(files);
+    metrics::counter!("shmback_want_list_files_total", "result" => "unchanged").increment(unchanged);
+    metrics::counter!("shmback_want_list_files_total", "result" => "wanted").increment(files - unchanged);
+    metrics::histogram!("shmback_want_list_duration_seconds").record(started.elapsed().as_secs_f64());
+    info!(
+        seq,
+        files,
+        unchanged,
+        covered = published.covered(),
+        parent = ?parent.map(|p| p.id.to_string()),
+        "want-list published"
+    );
+}
+
 /// The files of `entries` the archiver will read: all of them without a parent; with one, all
 /// but those the parent has unchanged with their data indexed. Parent trees that cannot be read
 /// make their files wanted (the archiver ignores such trees too).
@@ -56,12 +85,10 @@ pub(crate) fn want_list(
         return list;
     };
     let mut walk = ParentWalk::new(repo, parent);
-    let mut file = 0u64;
-    for e in entries.iter().filter(|e| e.kind == EntryKind::File) {
+    for (file, e) in entries.iter().filter(|e| e.kind == EntryKind::File).enumerate() {
         if !walk.unchanged(&e) {
-            list.want(file);
+            list.want(file as u64);
         }
-        file += 1;
     }
     list
 }
