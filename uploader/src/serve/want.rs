@@ -66,6 +66,7 @@ pub(crate) fn answer(
         unchanged,
         covered = published.covered(),
         parent = ?parent.map(|p| p.id.to_string()),
+        took_ms = started.elapsed().as_millis() as u64,
         "want-list published"
     );
 }
