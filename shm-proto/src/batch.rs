@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::frame::{Begin, Entry, EntryKind, Frame, FrameKind};
+use crate::want::WantList;
 
 /// Most entries one batch may carry (bounds the decoder's memory: ~24 bytes per file).
 pub const MAX_ENTRIES: u64 = 50_000_000;
@@ -77,6 +78,26 @@ pub enum Event<'f> {
     },
     /// A frame outside any batch, skipped (e.g. the rest of a batch torn before we attached).
     Skipped(FrameKind),
+    /// WANT: the batch asks for a want-list (answer it with [`BatchDecoder::answer_want`] once
+    /// the manifest is complete).
+    WantAsked,
+    /// WANTED: the producer applied the consumer's want-list (`covered` files of it; 0: none,
+    /// every file's data follows).
+    Wanted {
+        /// Files the applied list covers.
+        covered: u64,
+    },
+}
+
+/// Where a batch is in the want-list exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Want {
+    /// The batch did not ask (a version-1 producer): every file's data follows.
+    NotAsked,
+    /// WANT arrived; `answer` is what the consumer published, once it has.
+    Asked { answer: Option<WantList> },
+    /// WANTED arrived: data follows for the wanted files of this list only.
+    Applied(WantList),
 }
 
 /// Why a batch was rejected.
@@ -116,6 +137,7 @@ pub struct BatchDecoder {
     seq: u64,
     /// Sizes of the batch's files in manifest order (`None`: unknown, ends with END_OF_FILE).
     sizes: Vec<Option<u64>>,
+    want: Want,
 }
 
 impl Default for BatchDecoder {
@@ -127,7 +149,7 @@ impl Default for BatchDecoder {
 impl BatchDecoder {
     /// A decoder between batches.
     pub fn new() -> Self {
-        Self { state: State::Idle, seq: 0, sizes: Vec::new() }
+        Self { state: State::Idle, seq: 0, sizes: Vec::new(), want: Want::NotAsked }
     }
 
     /// Whether a batch is open (its outcome not yet known).
@@ -149,6 +171,30 @@ impl BatchDecoder {
     pub fn reset(&mut self) {
         self.state = State::Idle;
         self.sizes.clear();
+        self.want = Want::NotAsked;
+    }
+
+    /// Whether the open batch asked for a want-list (sent WANT after BEGIN).
+    pub fn want_asked(&self) -> bool {
+        !matches!(self.want, Want::NotAsked)
+    }
+
+    /// Records the want-list the consumer published for the open batch (what
+    /// [`crate::Consumer::publish_want`] returned), which the batch's WANTED must name. Ignored
+    /// unless the batch asked and its WANTED has not arrived.
+    pub fn answer_want(&mut self, list: WantList) {
+        if let Want::Asked { answer } = &mut self.want {
+            *answer = Some(list);
+        }
+    }
+
+    /// Whether file `file` of the open batch gets data: false only for a file the applied
+    /// want-list left out (its content comes from the parent snapshot).
+    pub fn file_wanted(&self, file: u64) -> bool {
+        match &self.want {
+            Want::Applied(list) => list.is_wanted(file),
+            _ => true,
+        }
     }
 
     fn fail(&mut self, what: impl Into<String>) -> BatchError {
@@ -162,6 +208,7 @@ impl BatchDecoder {
             let interrupted = self.in_batch().then_some(self.seq);
             self.seq = begin.seq;
             self.sizes.clear();
+            self.want = Want::NotAsked;
             self.state = State::Manifest { entries: 0, last_path: None, last_was_dir: false };
             return Ok(Event::Begin { begin, interrupted });
         }
@@ -175,6 +222,11 @@ impl BatchDecoder {
         match &mut self.state {
             State::Idle => Ok(Event::Skipped(frame.kind())),
             State::Manifest { entries, last_path, last_was_dir } => match frame {
+                Frame::Want if *entries == 0 && self.want == Want::NotAsked => {
+                    self.want = Want::Asked { answer: None };
+                    Ok(Event::WantAsked)
+                }
+                Frame::Want => Err(self.fail("WANT frame not right after BEGIN, or sent twice")),
                 Frame::Entry(entry) => {
                     if *entries >= MAX_ENTRIES {
                         return Err(self.fail(format!("more than {MAX_ENTRIES} entries")));
@@ -215,6 +267,13 @@ impl BatchDecoder {
                 }
                 other => Err(self.fail(format!("{:?} frame inside the manifest", other.kind()))),
             },
+            State::Data { .. } if matches!(self.want, Want::Asked { .. }) => {
+                match frame {
+                    Frame::Wanted { covered, digest } => self.apply_want(covered, digest),
+                    other => Err(self
+                        .fail(format!("{:?} frame before WANTED in a batch that asked for a want-list", other.kind()))),
+                }
+            }
             State::Data { entries, file, received, total } => match frame {
                 Frame::Data(bytes) => {
                     let Some(&size) = self.sizes.get(*file) else {
@@ -274,10 +333,39 @@ impl BatchDecoder {
         }
     }
 
-    /// Moves past files whose known size is zero: they get no DATA frames.
+    /// WANTED: the producer names the list it applied: none (`covered == 0`, every file follows)
+    /// or exactly the one the consumer published.
+    fn apply_want(&mut self, covered: u64, digest: u64) -> Result<Event<'static>, BatchError> {
+        let Want::Asked { answer } = &self.want else {
+            return Err(self.fail("WANTED frame in a batch that did not ask for a want-list"));
+        };
+        let applied = match answer {
+            _ if covered == 0 && digest == 0 => WantList::all(),
+            Some(list) if list.covered() == covered && list.digest() == digest => list.clone(),
+            Some(list) => {
+                let what = format!(
+                    "WANTED names a want-list of {covered} files (digest {digest:#x}), the uploader published \
+                     one of {} files (digest {:#x})",
+                    list.covered(),
+                    list.digest()
+                );
+                return Err(self.fail(what));
+            }
+            None => return Err(self.fail("WANTED names a want-list the uploader never published")),
+        };
+        self.want = Want::Applied(applied);
+        self.skip_empty_files();
+        Ok(Event::Wanted { covered })
+    }
+
+    /// Moves past files that get no DATA frames: known size zero, or left out by the want-list.
     fn skip_empty_files(&mut self) {
         if let State::Data { file, .. } = &mut self.state {
-            while self.sizes.get(*file) == Some(&Some(0)) {
+            let wanted = |f: usize| match &self.want {
+                Want::Applied(list) => list.is_wanted(f as u64),
+                _ => true,
+            };
+            while self.sizes.get(*file).is_some_and(|s| *s == Some(0) || !wanted(*file)) {
                 *file += 1;
             }
         }

@@ -13,8 +13,13 @@ use bytemuck::{Pod, Zeroable};
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Frames start at multiples of this in the ring.
 pub const FRAME_ALIGN: usize = 8;
-/// Version of the frame codec; a header with another value is rejected.
-pub const CODEC_VERSION: u8 = 1;
+/// Newest version of the frame codec this build speaks. Version 2 added the want-list frames
+/// ([`FrameKind::Want`], [`FrameKind::Wanted`]); every frame's header carries the version that
+/// defines its kind ([`FrameKind::version`]), so frames of kinds 1–8 are byte-identical in both
+/// versions and a producer that never asks for a want-list is a version-1 producer.
+pub const CODEC_VERSION: u8 = 2;
+/// Oldest frame codec version this build accepts.
+pub const MIN_CODEC_VERSION: u8 = 1;
 
 /// Longest snapshot path, in bytes (Linux `PATH_MAX`).
 pub const MAX_PATH_LEN: usize = 4096;
@@ -44,7 +49,28 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// A header for a payload of `len` bytes.
     pub fn new(kind: FrameKind, len: u32) -> Self {
-        Self { len: len.to_le(), kind: kind as u8, version: CODEC_VERSION, flags: 0 }
+        Self { len: len.to_le(), kind: kind as u8, version: kind.version(), flags: 0 }
+    }
+
+    /// Checks the header's version against its kind: `Err` says what was found and what this
+    /// build speaks (a peer from another release, or corrupt bytes).
+    pub fn check_version(&self) -> Result<(), String> {
+        let expected = FrameKind::from_u8(self.kind).map(FrameKind::version);
+        match expected {
+            Some(v) if v == self.version => Ok(()),
+            Some(v) => Err(format!(
+                "frame of kind {} has codec version {}, the kind belongs to version {v} (this build speaks \
+                 versions {MIN_CODEC_VERSION} to {CODEC_VERSION})",
+                self.kind, self.version
+            )),
+            None if (MIN_CODEC_VERSION..=CODEC_VERSION).contains(&self.version) => Ok(()),
+            None => Err(format!(
+                "frame codec version {}, this build speaks versions {MIN_CODEC_VERSION} to {CODEC_VERSION}: the \
+                 peer is from another release; run producer and uploader from the same release (or the \
+                 uploader from the newer one)",
+                self.version
+            )),
+        }
     }
 
     /// Reads a header from the first 8 bytes of `bytes` (a copy: the source may be shared memory).
@@ -88,6 +114,10 @@ pub enum FrameKind {
     Commit = 7,
     /// Abandons the batch.
     Abort = 8,
+    /// Codec version 2: the batch asks for a want-list (right after BEGIN, before any ENTRY).
+    Want = 9,
+    /// Codec version 2: which want-list the producer applied (after END_OF_MANIFEST, before DATA).
+    Wanted = 10,
 }
 
 impl FrameKind {
@@ -102,8 +132,18 @@ impl FrameKind {
             6 => Self::EndOfFile,
             7 => Self::Commit,
             8 => Self::Abort,
+            9 => Self::Want,
+            10 => Self::Wanted,
             _ => return None,
         })
+    }
+
+    /// The codec version that defines this kind, which its frames carry in their header.
+    pub fn version(self) -> u8 {
+        match self {
+            Self::Want | Self::Wanted => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -314,6 +354,17 @@ pub enum Frame<'a> {
         /// Human-readable reason.
         reason: String,
     },
+    /// WANT (codec 2): this batch asks the consumer for a want-list.
+    Want,
+    /// WANTED (codec 2): the want-list the producer applied. `covered == 0`: none, every file's
+    /// data follows; otherwise files below `covered` get data only where the list's bit is set,
+    /// files from `covered` on all get data. `digest` is [`crate::want::WantList::digest`].
+    Wanted {
+        /// Files the applied list covers.
+        covered: u64,
+        /// Digest of the applied list's bits.
+        digest: u64,
+    },
 }
 
 const ENTRY_FIXED: usize = 1 + 1 + 2 + 4 + 4 + 4 + 8 + 8 + 2 + 2;
@@ -330,6 +381,8 @@ impl Frame<'_> {
             Frame::EndOfFile { .. } => FrameKind::EndOfFile,
             Frame::Commit { .. } => FrameKind::Commit,
             Frame::Abort { .. } => FrameKind::Abort,
+            Frame::Want => FrameKind::Want,
+            Frame::Wanted { .. } => FrameKind::Wanted,
         }
     }
 
@@ -350,6 +403,8 @@ impl Frame<'_> {
             Frame::Data(d) => d.len(),
             Frame::Commit { .. } => 16,
             Frame::Abort { reason, .. } => 4 + 2 + reason.len().min(MAX_REASON_LEN),
+            Frame::Want => 0,
+            Frame::Wanted { .. } => 16,
         }
     }
 
@@ -451,6 +506,11 @@ impl Frame<'_> {
                 w.u32(*code);
                 let r = truncate_utf8(reason, MAX_REASON_LEN);
                 w.str16(r);
+            }
+            Frame::Want => {}
+            Frame::Wanted { covered, digest } => {
+                w.u64(*covered);
+                w.u64(*digest);
             }
         }
         debug_assert_eq!(w.at, out.len());
@@ -580,6 +640,8 @@ pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame<'_>, CodecError> {
             let reason = c.str16("reason")?;
             Frame::Abort { code, reason }
         }
+        FrameKind::Want => Frame::Want,
+        FrameKind::Wanted => Frame::Wanted { covered: c.u64()?, digest: c.u64()? },
     };
     let extra = payload.len() - c.at;
     if extra != 0 {

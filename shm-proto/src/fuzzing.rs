@@ -161,7 +161,9 @@ fn hostile_entry(b: &mut Bytes<'_>) -> Vec<u8> {
 
 /// The manifest phase of the batch state machine under a hostile producer: a valid BEGIN, then
 /// frames chosen by `data` — ENTRY frames built field by field ([`hostile_entry`]),
-/// END_OF_MANIFEST with the right or a wrong count, DATA, COMMIT, another BEGIN, and garbage
+/// END_OF_MANIFEST with the right or a wrong count, DATA, COMMIT, another BEGIN, WANT and WANTED
+/// (with the published want-list, "everything" or anything; a want-list is answered at the
+/// manifest's end, and DATA is accepted only for wanted files), and garbage
 /// frames of any kind byte — each decoded with [`frame::decode`] and fed to a [`BatchDecoder`],
 /// the path every frame takes in the uploader. Must never panic, and what the decoder accepts
 /// must hold: entry paths relative, without empty, `.` or `..` components or NUL, strictly
@@ -180,10 +182,23 @@ pub fn manifest_stream(data: &[u8]) {
     dec.feed(frame::decode(*kind, payload).expect("valid BEGIN")).expect("a BEGIN opens a batch");
     let mut entries = 0u64;
     let mut prev: Option<Vec<u8>> = None;
+    let mut answered: Option<crate::want::WantList> = None;
     let path = |p: &[u8]| std::path::Path::new(std::ffi::OsStr::from_bytes(p)).to_path_buf();
     while !b.0.is_empty() {
-        match b.u8() % 10 {
+        match b.u8() % 12 {
             0..=4 => frames.push((FrameKind::Entry as u8, hostile_entry(&mut b))),
+            10 => frames.push((FrameKind::Want as u8, Vec::new())),
+            11 => {
+                // WANTED naming the list the consumer published, "everything", or anything.
+                let (covered, digest) = match (b.u8() % 3, &answered) {
+                    (0, Some(l)) => (l.covered(), l.digest()),
+                    (1, _) => (0, 0),
+                    _ => (b.u64(), b.u64()),
+                };
+                let mut p = covered.to_le_bytes().to_vec();
+                p.extend(digest.to_le_bytes());
+                frames.push((FrameKind::Wanted as u8, p));
+            }
             5 => {
                 let n = if b.u8() % 4 == 0 { b.u64() } else { entries };
                 frames.push((FrameKind::EndOfManifest as u8, n.to_le_bytes().to_vec()));
@@ -232,6 +247,16 @@ pub fn manifest_stream(data: &[u8]) {
             Ok(Event::EndOfManifest { entries: n, files }) => {
                 assert_eq!(n, entries, "END_OF_MANIFEST accepted with a wrong count");
                 assert!(files <= n);
+                if dec.want_asked() {
+                    // The consumer's answer: a list over some of the files, bits from the input.
+                    let mut list = crate::want::WantList::none_of(files.min(u64::from(b.u8())));
+                    (0..list.covered()).filter(|_| b.u8() % 2 == 0).for_each(|f| list.want(f));
+                    dec.answer_want(list.clone());
+                    answered = Some(list);
+                }
+            }
+            Ok(Event::Data { file, .. }) => {
+                assert!(dec.file_wanted(file), "data accepted for file {file}, which the want-list left out");
             }
             Ok(_) => {}
         }

@@ -133,20 +133,24 @@ pub struct Reverse {
     pub rejected_code: AtomicU32,
 }
 
-/// Batch bookkeeping. The want-list fields are reserved for the consumer's per-batch want-list
-/// (which manifest entries it needs); they are zero until a version of the tools uses them, and
-/// using them needs no layout change.
+/// Batch bookkeeping, and the want-list exchange (PROTOCOL.md, "The want-list"): the consumer
+/// says which codec it speaks, and answers a batch's manifest with the files it wants, as a bitmap
+/// in the reverse area after the ring.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct BatchState {
     /// Sequence of the last BEGIN the producer wrote; a new producer continues from it.
     pub begun_seq: AtomicU64,
-    /// Reserved: batch sequence the current want-list answers.
+    /// Consumer: sequence of the batch the want-list in the reverse area answers. Stored with
+    /// Release after the bitmap words and `want_len`; only grows.
     pub want_seq: AtomicU64,
-    /// Reserved: bytes of want-list in the reverse area.
+    /// Consumer: files (manifest order) the bitmap covers; files from here on are all wanted.
     pub want_len: AtomicU64,
-    /// Reserved: want-list state word (also a futex word).
-    pub want_state: AtomicU32,
+    /// Consumer: the newest frame codec version it speaks (2 answers want-lists), valid only while
+    /// `codec_epoch` equals the consumer's `epoch` (an older consumer never writes these fields).
+    pub consumer_codec: AtomicU32,
+    /// Consumer: the attach epoch `consumer_codec` was written in. Stored with Release after it.
+    pub codec_epoch: AtomicU64,
 }
 
 #[cfg(not(loom))]
@@ -181,5 +185,6 @@ const _: () = {
     assert!(offset_of!(BatchState, begun_seq) == 0);
     assert!(offset_of!(BatchState, want_seq) == 8);
     assert!(offset_of!(BatchState, want_len) == 16);
-    assert!(offset_of!(BatchState, want_state) == 24);
+    assert!(offset_of!(BatchState, consumer_codec) == 24);
+    assert!(offset_of!(BatchState, codec_epoch) == 32);
 };

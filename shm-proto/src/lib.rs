@@ -16,6 +16,7 @@
 //!   truncated under its mapping into [`RingError::SegmentDamaged`] instead of a crash.
 //! - [`frame`]: the frame header and the codec of each batch frame type.
 //! - [`batch`]: the batch state machine a consumer feeds decoded frames to.
+//! - [`want`]: the want-list, which of a batch's files the consumer needs.
 //! - [`model`]: the ring on the heap, for loom models, miri and property tests.
 //!
 //! ```
@@ -57,6 +58,7 @@ pub mod stream;
 mod sync;
 #[cfg(not(loom))]
 mod sys;
+pub mod want;
 
 pub use batch::{BatchDecoder, BatchError, Event};
 pub use frame::{Begin, CodecError, Entry, EntryKind, Frame, FrameKind, Labels};
@@ -65,3 +67,4 @@ pub use ring::{Consumer, FrameRef, Memory, Producer, RejectCode, Reservation, Ri
 pub use segment::{Segment, SegmentError, SegmentInfo, SegmentOptions};
 #[cfg(not(loom))]
 pub use sys::{process_start_ticks, release_free_memory};
+pub use want::WantList;

@@ -32,6 +32,8 @@ pub struct HeapMemory {
     lock: Mutex<()>,
     cond: Condvar,
     alive: [Alive; 2],
+    /// The reverse area (want-lists), as words.
+    reverse: Box<[crate::sync::AtomicU64]>,
 }
 
 // SAFETY: the byte cells are only accessed through `Memory::read`/`write`, whose callers (the ring
@@ -42,8 +44,14 @@ unsafe impl Sync for HeapMemory {}
 unsafe impl Send for HeapMemory {}
 
 impl HeapMemory {
-    /// A zeroed ring of `capacity` bytes (a power of two, at least 64), both sides alive.
+    /// A zeroed ring of `capacity` bytes (a power of two, at least 64), both sides alive, with a
+    /// reverse area of 2 words (want-lists of up to 128 files).
     pub fn new(capacity: usize) -> Self {
+        Self::with_reverse(capacity, 2)
+    }
+
+    /// As [`HeapMemory::new`], with a reverse area of `words` 64-bit words.
+    pub fn with_reverse(capacity: usize, words: usize) -> Self {
         assert!(capacity.is_power_of_two() && capacity >= 64, "capacity must be a power of two >= 64");
         Self {
             shared: RingShared::default(),
@@ -55,6 +63,7 @@ impl HeapMemory {
             lock: Mutex::new(()),
             cond: Condvar::new(),
             alive: [Alive::new(true), Alive::new(true)],
+            reverse: (0..words).map(|_| crate::sync::AtomicU64::new(0)).collect(),
         }
     }
 
@@ -191,5 +200,9 @@ unsafe impl Memory for HeapMemory {
 
     fn peer_alive(&self, role: Role) -> bool {
         self.alive[role as usize].load(Ordering::SeqCst)
+    }
+
+    fn reverse(&self) -> &[crate::sync::AtomicU64] {
+        &self.reverse
     }
 }

@@ -18,9 +18,10 @@
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
-use crate::frame::{CODEC_VERSION, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind, frame_size};
+use crate::frame::{FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind, frame_size};
 use crate::layout::RingShared;
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::want::WantList;
 
 /// Which side of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,6 +96,11 @@ pub unsafe trait Memory {
     fn truncated(&self) -> Option<String> {
         None
     }
+    /// The reverse area after the ring, as 64-bit words (the consumer's want-lists). Memory
+    /// without one keeps the default: no want-lists, every file is sent.
+    fn reverse(&self) -> &[AtomicU64] {
+        &[]
+    }
 }
 
 // SAFETY: delegates every method to `T`, which upholds the contract.
@@ -132,6 +138,9 @@ unsafe impl<T: Memory> Memory for std::sync::Arc<T> {
     }
     fn truncated(&self) -> Option<String> {
         (**self).truncated()
+    }
+    fn reverse(&self) -> &[AtomicU64] {
+        (**self).reverse()
     }
 }
 
@@ -646,6 +655,77 @@ impl<M: Memory> Producer<M> {
         intact(mem)
     }
 
+    /// Whether the attached consumer answers want-lists (it wrote codec version 2 or newer for its
+    /// current attach epoch). Ask only then: an older consumer would reject the WANT frame.
+    pub fn consumer_answers_want_lists(&self) -> bool {
+        let sh = self.mem.shared();
+        let epoch = sh.consumer.epoch.load(Ordering::Acquire);
+        !self.mem.reverse().is_empty()
+            && sh.batch.codec_epoch.load(Ordering::Acquire) == epoch
+            && sh.batch.consumer_codec.load(Ordering::Relaxed) >= 2
+    }
+
+    /// Publishes the manifest sent so far and waits for the consumer's want-list for batch `seq`
+    /// of `files` files. Everything read from the reverse area is checked: an answer for another
+    /// batch, a length past the batch's files or the area is `Corrupt` (the caller then sends
+    /// every file); a consumer replaced since `consumer_epoch` is `PeerGone` (resend); a
+    /// rejection of the batch is `Rejected` (nothing more to send).
+    pub fn wait_want(
+        &mut self,
+        seq: u64,
+        consumer_epoch: u64,
+        files: u64,
+        timeout: Duration,
+    ) -> Result<WantList, RingError> {
+        self.publish();
+        let sh = self.mem.shared();
+        let gone = RingError::PeerGone { peer: Role::Consumer };
+        let mut outcome: Option<Result<u64, RingError>> = None;
+        block_until(
+            &self.mem,
+            &self.cfg,
+            &sh.producer.wake,
+            Role::Consumer,
+            Liveness::Check,
+            deadline(timeout),
+            || {
+                let answered = sh.batch.want_seq.load(Ordering::Acquire);
+                if sh.consumer.epoch.load(Ordering::Acquire) != consumer_epoch {
+                    outcome = Some(Err(gone.clone()));
+                } else if answered >= seq {
+                    outcome = Some(Ok(answered));
+                } else if sh.reverse.rejected_seq.load(Ordering::Acquire) >= seq {
+                    let code = RejectCode::from_u32(sh.reverse.rejected_code.load(Ordering::Relaxed));
+                    outcome = Some(Err(RingError::Rejected { seq, code }));
+                }
+                outcome.is_some()
+            },
+        )?;
+        let answered = outcome.unwrap_or(Err(gone))?;
+        let area = self.mem.reverse();
+        let len = sh.batch.want_len.load(Ordering::Relaxed);
+        let bad = if answered != seq {
+            Some(format!("the want-list answers batch {answered}, this batch is {seq}"))
+        } else if len > files || len > area.len() as u64 * 64 {
+            Some(format!(
+                "the want-list covers {len} files; the batch has {files} and the reverse area holds {}",
+                area.len() as u64 * 64
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = bad {
+            return Err(RingError::Corrupt { pos: 0, what: format!("{what} (the consumer is broken or hostile)") });
+        }
+        let words = area.iter().take(len.div_ceil(64) as usize).map(|w| w.load(Ordering::Relaxed)).collect();
+        // Words read from zero pages are no answer.
+        intact(&self.mem)?;
+        if sh.consumer.epoch.load(Ordering::Acquire) != consumer_epoch {
+            return Err(RingError::PeerGone { peer: Role::Consumer });
+        }
+        Ok(WantList::from_words(len, words))
+    }
+
     /// Waits until the consumer reports batch `seq` durable (returns the snapshot id) or rejected.
     /// `consumer_epoch` is the value of [`Producer::consumer_epoch`] when the batch began: if the
     /// consumer was replaced since, the batch is lost with it and this returns `PeerGone`.
@@ -824,6 +904,43 @@ impl<M: Memory> Consumer<M> {
         Self { mem, st, cfg }
     }
 
+    /// Tells producers that this consumer answers want-lists (PROTOCOL.md, "The want-list"):
+    /// records codec version 2 for the epoch it attached in. A consumer that calls this must
+    /// answer every batch that sends WANT ([`Consumer::publish_want`]); one that does not call
+    /// it is never asked. Another consumer attaching later bumps the epoch, so an older build
+    /// that never writes these fields is not asked either. No effect without a reverse area.
+    pub fn answer_want_lists(&mut self) {
+        let sh = self.mem.shared();
+        if !self.mem.reverse().is_empty() {
+            let epoch = sh.consumer.epoch.load(Ordering::Acquire);
+            sh.batch.consumer_codec.store(u32::from(crate::frame::CODEC_VERSION), Ordering::Relaxed);
+            // Release: the codec is visible to a producer that acquires the epoch it names.
+            sh.batch.codec_epoch.store(epoch, Ordering::Release);
+        }
+    }
+
+    /// Answers batch `seq`'s WANT: writes `list` into the reverse area, cut to what the area
+    /// holds (the files past it are wanted), then `want_len` and, with Release, `want_seq`, and
+    /// wakes the producer. Returns the list as published, which is what the batch's WANTED must
+    /// name; [`WantList::all`] when nothing could be published (no reverse area, or `seq` not
+    /// above the last answered one: the producer then times out waiting and sends everything).
+    pub fn publish_want(&mut self, seq: u64, list: &WantList) -> WantList {
+        let area = self.mem.reverse();
+        let sh = self.mem.shared();
+        if area.is_empty() || seq <= sh.batch.want_seq.load(Ordering::Acquire) {
+            return WantList::all();
+        }
+        let list = list.truncated(area.len() as u64 * 64);
+        for (slot, word) in area.iter().zip(list.words()) {
+            slot.store(*word, Ordering::Relaxed);
+        }
+        sh.batch.want_len.store(list.covered(), Ordering::Relaxed);
+        // Release: the words and the length above are visible to a producer that acquires `seq`.
+        sh.batch.want_seq.fetch_max(seq, Ordering::Release);
+        notify(&self.mem, &sh.producer.wake);
+        list
+    }
+
     /// The memory this consumer reads from.
     pub fn memory(&self) -> &M {
         &self.mem
@@ -877,12 +994,11 @@ impl<M: Memory> Consumer<M> {
             let Some(header) = header else {
                 return Err(self.corrupt(pos, "unreadable frame header".into()));
             };
-            if header.version != CODEC_VERSION || header.flags != 0 {
-                let what = format!(
-                    "frame header version {} flags {:#x} (expected version {CODEC_VERSION}, flags 0)",
-                    header.version, header.flags
-                );
+            if let Err(what) = header.check_version() {
                 return Err(self.corrupt(pos, what));
+            }
+            if header.flags != 0 {
+                return Err(self.corrupt(pos, format!("frame header flags {:#x}, expected 0", header.flags)));
             }
             let len = header.len as usize;
             let total = frame_size(len);

@@ -1038,7 +1038,8 @@ fn zero_ring_shared(sh: &RingShared) {
     z64(&sh.batch.begun_seq);
     z64(&sh.batch.want_seq);
     z64(&sh.batch.want_len);
-    z32(&sh.batch.want_state);
+    z32(&sh.batch.consumer_codec);
+    z64(&sh.batch.codec_epoch);
 }
 
 /// Ring bytes in the mapping.
@@ -1093,5 +1094,19 @@ unsafe impl Memory for Segment {
 
     fn truncated(&self) -> Option<String> {
         self.map.truncated().then(|| self.path.display().to_string())
+    }
+
+    fn reverse(&self) -> &[crate::sync::AtomicU64] {
+        // SAFETY: the reverse area starts right after the ring, at HEADER_SIZE + capacity: 8-byte
+        // aligned (the mapping is page aligned, both terms are multiples of 4096), and its
+        // `reverse_capacity` bytes (a multiple of 8) end exactly at the end of the mapping (the
+        // validated file size), which lives as long as `self`. Any bytes are a valid AtomicU64,
+        // and every access to the area goes through atomic operations.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.ring_ptr().add(self.capacity) as *const crate::sync::AtomicU64,
+                self.reverse_capacity / 8,
+            )
+        }
     }
 }

@@ -28,7 +28,9 @@
 //! assert_eq!(frames.len(), 2);
 //! ```
 
-use crate::frame::{CODEC_VERSION, CodecError, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind};
+use crate::frame::{
+    CODEC_VERSION, CodecError, FRAME_ALIGN, FRAME_HEADER_LEN, Frame, FrameHeader, FrameKind, MIN_CODEC_VERSION,
+};
 
 /// Content-Type of a body carrying frames.
 pub const CONTENT_TYPE: &str = "application/vnd.shmback.frames.v1";
@@ -113,8 +115,9 @@ pub enum StreamError {
     },
     /// A frame of another codec version.
     #[error(
-        "frame at byte {at} of the body has codec version {found}, this build speaks {CODEC_VERSION}: \
-         run the producer and the uploader from the same shmback release"
+        "frame at byte {at} of the body has codec version {found}, which its frame type does not have in \
+         the codec versions this build speaks ({MIN_CODEC_VERSION} to {CODEC_VERSION}): run the producer and \
+         the uploader from the same shmback release"
     )]
     Version {
         /// Stream offset of the frame.
@@ -178,8 +181,15 @@ impl FrameAssembler {
     pub fn peek(&mut self) -> Result<Option<(u8, &[u8])>, StreamError> {
         let Some(h) = FrameHeader::read(&self.buf[self.start..]) else { return Ok(None) };
         let at = self.pos;
-        if h.version != CODEC_VERSION {
+        if h.check_version().is_err() {
             return Err(StreamError::Version { at, found: h.version });
+        }
+        if h.kind == FrameKind::Want as u8 || h.kind == FrameKind::Wanted as u8 {
+            let what = format!(
+                "frame type {} (a want-list frame) cannot appear in a stream: want-lists travel only in a ring",
+                h.kind
+            );
+            return Err(StreamError::BadHeader { at, what });
         }
         if h.flags != 0 {
             return Err(StreamError::BadHeader { at, what: format!("flags {:#06x}, expected 0", h.flags) });
@@ -409,7 +419,7 @@ mod tests {
     fn encode_frame_matches_ring_layout() {
         let mut body = Vec::new();
         encode_frame(&Frame::Data(b"abc"), &mut body).unwrap();
-        assert_eq!(&body[..8], &[3, 0, 0, 0, FrameKind::Data as u8, CODEC_VERSION, 0, 0]);
+        assert_eq!(&body[..8], &[3, 0, 0, 0, FrameKind::Data as u8, 1, 0, 0]);
         assert_eq!(&body[8..], b"abc\0\0\0\0\0");
         // Header + file bytes + padding, as a sender streaming from a file writes it.
         let mut by_parts = header_bytes(FrameKind::Data, 3).to_vec();

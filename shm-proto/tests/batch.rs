@@ -50,6 +50,8 @@ fn run(frames: Vec<Frame<'static>>) -> Result<Vec<String>, String> {
             Event::Commit { seq, entries, bytes } => format!("commit {seq} {entries} {bytes}"),
             Event::Abort { seq, code, .. } => format!("abort {seq} {code}"),
             Event::Skipped(k) => format!("skip {k:?}"),
+            Event::WantAsked => "want".to_string(),
+            Event::Wanted { covered } => format!("wanted {covered}"),
         });
     }
     Ok(out)
@@ -206,4 +208,105 @@ fn a_begin_inside_a_batch_tears_it_and_abort_ends_it() {
     ])
     .unwrap();
     assert_eq!(events, ["begin 1 None", "entry 0 a", "begin 2 Some(1)", "abort 2 1", "skip Abort"]);
+}
+
+/// Feeds a batch that asks for a want-list; the consumer answers with `answer` (files wanted of
+/// the first `covered`) once the manifest is complete. Returns the events or the first error.
+fn run_want(frames: Vec<Frame<'static>>, answer: Option<shmback_proto::WantList>) -> Result<Vec<String>, String> {
+    let mut d = BatchDecoder::new();
+    let mut out = vec![];
+    for f in frames {
+        let ev = d.feed(f).map_err(|e| e.to_string())?;
+        let eom = matches!(ev, Event::EndOfManifest { .. });
+        out.push(match ev {
+            Event::Data { file, bytes, last } => format!("data {file} {} {last}", bytes.len()),
+            Event::Commit { seq, entries, bytes } => format!("commit {seq} {entries} {bytes}"),
+            Event::Wanted { covered } => format!("wanted {covered}"),
+            Event::WantAsked => "want".to_string(),
+            other => format!("{other:?}").chars().take(12).collect(),
+        });
+        if eom {
+            assert!(d.want_asked());
+            if let Some(a) = answer.clone() {
+                d.answer_want(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn four_files_want() -> Vec<Frame<'static>> {
+    vec![begin(9), Frame::Want, file("a", Some(2)), file("b", Some(3)), file("c", Some(0)), file("d", Some(4))]
+}
+
+#[test]
+fn a_want_list_leaves_out_the_unwanted_files_data() {
+    let mut list = shmback_proto::WantList::none_of(4);
+    list.want(1);
+    let mut frames = four_files_want();
+    frames.extend([
+        Frame::EndOfManifest { entries: 4 },
+        Frame::Wanted { covered: 4, digest: list.digest() },
+        Frame::Data(b"xyz"),
+        Frame::Commit { entries: 4, bytes: 3 },
+    ]);
+    let ev = run_want(frames, Some(list)).unwrap();
+    assert_eq!(ev[1], "want");
+    assert_eq!(ev[7..], ["wanted 4", "data 1 3 true", "commit 9 4 3"]);
+}
+
+#[test]
+fn a_list_shorter_than_the_files_wants_the_rest_and_covered_zero_wants_all() {
+    let list = shmback_proto::WantList::none_of(2);
+    let mut frames = four_files_want();
+    frames.extend([
+        Frame::EndOfManifest { entries: 4 },
+        Frame::Wanted { covered: 2, digest: list.digest() },
+        Frame::Data(b"zzzz"),
+        Frame::Commit { entries: 4, bytes: 4 },
+    ]);
+    assert_eq!(run_want(frames, Some(list.clone())).unwrap()[7..], ["wanted 2", "data 3 4 true", "commit 9 4 4"]);
+    // The producer may always fall back to sending everything (it timed out waiting).
+    let mut frames = four_files_want();
+    frames.extend([
+        Frame::EndOfManifest { entries: 4 },
+        Frame::Wanted { covered: 0, digest: 0 },
+        Frame::Data(b"ab"),
+        Frame::Data(b"abc"),
+        Frame::Data(b"abcd"),
+        Frame::Commit { entries: 4, bytes: 9 },
+    ]);
+    let ev = run_want(frames, Some(list)).unwrap();
+    assert_eq!(ev[7..], ["wanted 0", "data 0 2 true", "data 1 3 true", "data 3 4 true", "commit 9 4 9"]);
+}
+
+#[test]
+fn want_list_frames_out_of_place_or_naming_another_list_are_rejected() {
+    let list = shmback_proto::WantList::none_of(4);
+    // Another list than the one published.
+    let mut frames = four_files_want();
+    frames.extend([Frame::EndOfManifest { entries: 4 }, Frame::Wanted { covered: 3, digest: 1 }]);
+    let e = run_want(frames, Some(list.clone())).unwrap_err();
+    assert!(e.contains("the uploader published one of 4 files"), "{e}");
+    // A list when none was published.
+    let mut frames = four_files_want();
+    frames.extend([Frame::EndOfManifest { entries: 4 }, Frame::Wanted { covered: 4, digest: list.digest() }]);
+    let e = run_want(frames, None).unwrap_err();
+    assert!(e.contains("never published"), "{e}");
+    // DATA before WANTED.
+    let mut frames = four_files_want();
+    frames.extend([Frame::EndOfManifest { entries: 4 }, Frame::Data(b"ab")]);
+    let e = run_want(frames, Some(list.clone())).unwrap_err();
+    assert!(e.contains("before WANTED"), "{e}");
+    // WANT after an entry; WANTED in a batch that did not ask.
+    let e = run(vec![begin(1), file("a", Some(1)), Frame::Want]).unwrap_err();
+    assert!(e.contains("not right after BEGIN"), "{e}");
+    let e = run(vec![
+        begin(1),
+        file("a", Some(1)),
+        Frame::EndOfManifest { entries: 1 },
+        Frame::Wanted { covered: 0, digest: 0 },
+    ])
+    .unwrap_err();
+    assert!(e.contains("Wanted frame in the data section"), "{e}");
 }

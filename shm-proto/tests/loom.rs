@@ -231,3 +231,70 @@ fn fault_table_flag_publishes_the_remap_and_slots_do_not_mix() {
         table.unregister(mine);
     });
 }
+
+fn want_list(covered: u64, wanted: &[u64]) -> shmback_proto::WantList {
+    let mut l = shmback_proto::WantList::none_of(covered);
+    wanted.iter().for_each(|&f| l.want(f));
+    l
+}
+
+/// The want-list exchange: the producer publishes its manifest's end and sleeps on the answer;
+/// the consumer reads it and publishes a list over both reverse words. The producer sees the
+/// whole list (the Relaxed word stores are ordered by `want_seq`'s Release / Acquire), never a
+/// part of it, and no wake-up is lost.
+#[test]
+fn want_list_reaches_the_waiting_producer_whole() {
+    model(|| {
+        let (_, mut p, mut c) = ring(1 << 20);
+        c.answer_want_lists();
+        let sent = want_list(100, &[3, 70]);
+        let expect = sent.clone();
+        let t = loom::thread::spawn(move || {
+            assert!(p.consumer_answers_want_lists());
+            let epoch = p.consumer_epoch();
+            p.send(&Frame::EndOfManifest { entries: 100 }, LONG).unwrap();
+            p.wait_want(1, epoch, 100, LONG)
+        });
+        let f = c.recv(LONG).unwrap();
+        assert_eq!(f.kind(), FrameKind::EndOfManifest as u8);
+        f.release();
+        assert_eq!(c.publish_want(1, &sent), sent);
+        assert_eq!(t.join().unwrap(), Ok(expect));
+    });
+}
+
+/// The reverse area is reused batch after batch: a producer waiting for batch 2 while the
+/// consumer overwrites batch 1's words gets batch 2's list, never batch 1's words under batch 2's
+/// sequence.
+#[test]
+fn a_reused_reverse_area_never_mixes_two_answers() {
+    model(|| {
+        let (_, mut p, mut c) = ring(1 << 20);
+        c.answer_want_lists();
+        c.publish_want(1, &want_list(128, &[0, 127]));
+        let second = want_list(128, &[64]);
+        let expect = second.clone();
+        let t = loom::thread::spawn(move || p.wait_want(2, 0, 128, LONG));
+        c.publish_want(2, &second);
+        assert_eq!(t.join().unwrap(), Ok(expect));
+    });
+}
+
+/// A consumer replaced while the producer waits for its answer (the old one never answered): the
+/// producer gets `PeerGone` whichever way the attach and its sleep interleave, never a hang.
+#[test]
+fn a_consumer_replaced_during_the_want_wait_is_noticed() {
+    model(|| {
+        let (mem, mut p, mut c) = ring(1 << 20);
+        c.answer_want_lists();
+        let t = loom::thread::spawn(move || p.wait_want(1, 0, 10, LONG));
+        // The successor attaches: epoch + 1, and the attach wakes the producer.
+        mem.shared_words().consumer.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let wake = &mem.shared_words().producer.wake;
+        if wake.fetch_add(2, std::sync::atomic::Ordering::AcqRel) & 1 != 0 {
+            shmback_proto::Memory::wake(&*mem, wake);
+        }
+        let got = t.join().unwrap();
+        assert_eq!(got, Err(RingError::PeerGone { peer: Role::Consumer }));
+    });
+}

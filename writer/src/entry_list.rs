@@ -283,6 +283,16 @@ impl<'a> Manifest<'a> {
         self.files().filter_map(|r| r.size).sum()
     }
 
+    /// Whether the `i`th entry is a file (files are what a want-list counts).
+    pub(crate) fn is_file(&self, i: usize) -> bool {
+        self.store.records[i].kind == EntryKind::File
+    }
+
+    /// The `i`th entry's size (0 when unknown or not a file).
+    pub(crate) fn entry_size(&self, i: usize) -> u64 {
+        self.store.records[i].size.unwrap_or(0)
+    }
+
     /// The `i`th entry as the protocol carries it.
     pub(crate) fn entry(&self, i: usize) -> Entry {
         let r = &self.store.records[i];

@@ -449,6 +449,7 @@ impl Pending<'_> {
             files_done: self.manifest.file_count(),
             bytes_total: self.manifest.file_bytes(),
             bytes_done: self.manifest.file_bytes(),
+            ..Progress::default()
         }
     }
 

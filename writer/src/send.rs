@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shmback_proto::frame::abort_code;
 use shmback_proto::stream;
-use shmback_proto::{Begin, Frame, FrameKind, Labels, Producer, Segment};
+use shmback_proto::{Begin, Frame, FrameKind, Labels, Producer, RingError, Segment, WantList};
 
 use crate::entries::{Source, mtime_ns};
 use crate::entry_list::{FileData, Manifest};
@@ -27,6 +27,16 @@ pub(crate) trait Sink {
     fn data(&mut self, r: &mut dyn Read, want: usize) -> Result<usize, DataError>;
     /// Called once BEGIN is sent.
     fn begun(&mut self, _seq: u64) {}
+    /// Whether this sink's uploader answers want-lists (only a ring's can).
+    fn asks_want(&mut self) -> bool {
+        false
+    }
+    /// Publishes the manifest and waits for the uploader's want-list for batch `seq` of `files`
+    /// files. Anything but a usable answer (a timeout, a malformed answer) is "send everything",
+    /// which an uploader always accepts; a gone uploader or a rejected batch is an error.
+    fn want_list(&mut self, _seq: u64, _files: u64) -> Result<WantList, WriteError> {
+        Ok(WantList::all())
+    }
     /// Publishes what was sent.
     fn flush(&mut self) -> Result<(), WriteError>;
 }
@@ -81,16 +91,49 @@ pub(crate) fn pipeline(
         bytes_total: manifest.file_bytes(),
         ..Progress::default()
     };
+    let mut totals = totals;
     sink.frame(&Frame::Begin(Begin { seq, labels: labels.clone() })).map_err(Failure::Sink)?;
     sink.begun(seq);
+    let ask = sink.asks_want();
+    if ask {
+        sink.frame(&Frame::Want).map_err(Failure::Sink)?;
+    }
     for i in 0..manifest.len() {
         sink.frame(&Frame::Entry(manifest.entry(i))).map_err(Failure::Sink)?;
     }
     sink.frame(&Frame::EndOfManifest { entries: totals.entries }).map_err(Failure::Sink)?;
+    let want = if ask {
+        let list = sink.want_list(seq, totals.files_total).map_err(Failure::Sink)?;
+        sink.frame(&Frame::Wanted { covered: list.covered(), digest: list.digest() }).map_err(Failure::Sink)?;
+        list
+    } else {
+        WantList::all()
+    };
+    // Files the list leaves out are not read at all: count them now, so totals show what will go.
+    let mut file_index = 0u64;
+    for i in 0..manifest.len() {
+        if manifest.is_file(i) {
+            if !want.is_wanted(file_index) {
+                totals.files_unchanged += 1;
+                totals.bytes_unchanged += manifest.entry_size(i);
+            }
+            file_index += 1;
+        }
+    }
+    totals.bytes_total -= totals.bytes_unchanged;
     progress(&totals);
 
     let mut data = DataSender { sink, frame_size, progress: totals, report: progress, last_report: Instant::now() };
+    let mut file_index = 0u64;
     for i in 0..manifest.len() {
+        if manifest.is_file(i) {
+            file_index += 1;
+            if !want.is_wanted(file_index - 1) {
+                // Unchanged since the uploader's parent snapshot: its content is taken from there.
+                drop(manifest.take_file(i, keep));
+                continue;
+            }
+        }
         let file = match manifest.take_file(i, keep) {
             Ok(Some(file)) => file,
             Ok(None) => continue,
@@ -146,7 +189,7 @@ pub(crate) fn send_ring<'o>(
     }
     let seq = producer.next_batch_seq();
     let epoch = producer.consumer_epoch();
-    let mut sink = RingSink { producer, timeout };
+    let mut sink = RingSink { producer, timeout, epoch };
     let sent = pipeline(&mut sink, seq, &labels, &mut manifest, frame_size, false, &mut progress)
         .map_err(Failure::into_error)?;
     Ok(Ticket::ring(sink.producer, seq, epoch, sent, start.elapsed()))
@@ -156,6 +199,9 @@ pub(crate) fn send_ring<'o>(
 struct RingSink<'p> {
     producer: &'p mut Producer<Segment>,
     timeout: Duration,
+    /// The consumer's attach epoch when the batch began: an answer from another consumer is not
+    /// trusted.
+    epoch: u64,
 }
 
 impl Sink for RingSink<'_> {
@@ -178,6 +224,19 @@ impl Sink for RingSink<'_> {
 
     fn begun(&mut self, seq: u64) {
         self.producer.record_begun(seq);
+    }
+
+    fn asks_want(&mut self) -> bool {
+        self.producer.consumer_answers_want_lists()
+    }
+
+    fn want_list(&mut self, seq: u64, files: u64) -> Result<WantList, WriteError> {
+        match self.producer.wait_want(seq, self.epoch, files, self.timeout) {
+            Ok(list) => Ok(list),
+            // Slow or broken: send everything; the uploader accepts that whatever it answered.
+            Err(RingError::Timeout { .. } | RingError::Corrupt { .. }) => Ok(WantList::all()),
+            Err(e) => Err(WriteError::from_ring(e, self.timeout)),
+        }
     }
 
     fn flush(&mut self) -> Result<(), WriteError> {
@@ -315,6 +374,7 @@ impl DataSender<'_, '_> {
             }
             sent += n as u64;
             self.progress.bytes_done += n as u64;
+            self.progress.bytes_read += n as u64;
             if size.is_none() {
                 self.progress.bytes_total += n as u64;
             }

@@ -13,6 +13,7 @@ use super::manifest::Manifest;
 use super::options::{BatchOutcome, ServeOptions};
 use super::pump::{BatchEnd, Ring};
 use super::reader::BatchSource;
+use super::want;
 use crate::backends::failure::without_empty_backtraces;
 use crate::config::RepositoryConfig;
 use crate::locks::{Fence, LockError, LockOptions, RepoLock};
@@ -105,7 +106,14 @@ pub(crate) fn run_batch(
         }
     };
     ring.lock().start_data();
-    let result = archive(&indexed, &repo.gate, &begin, BatchSource::new(entries, ring.clone()), ring, opts);
+    let result = snapshot_for(&begin, opts).and_then(|snap| {
+        // The parent is looked up once, answers the want-list and is the one the archive uses.
+        let parent = want::find_parent(&indexed, &snap);
+        if ring.lock().want_asked() {
+            want::answer(&indexed, parent.as_ref(), &entries, ring, seq);
+        }
+        archive(&indexed, &repo.gate, snap, parent.as_ref(), BatchSource::new(entries, ring.clone()), ring)
+    });
     // If archive() stopped before the snapshot write, the rest of the batch is still in the ring.
     let end = repo.gate.disarm().unwrap_or_else(|| ring.lock().finish());
     let outcome = match (result, end) {
@@ -141,14 +149,8 @@ fn lock_for_batch(repo: &Repo, ring: &Arc<Ring>) -> Result<Option<RepoLock>, (St
     })
 }
 
-fn archive(
-    repo: &Repository<IndexedIdsStatus>,
-    gate: &Gate,
-    begin: &shmback_proto::Begin,
-    source: BatchSource,
-    ring: &Arc<Ring>,
-    opts: &ServeOptions,
-) -> anyhow::Result<SnapshotFile> {
+/// The snapshot file a batch becomes: host, tags and key/values from its BEGIN.
+fn snapshot_for(begin: &shmback_proto::Begin, opts: &ServeOptions) -> anyhow::Result<SnapshotFile> {
     let mut sopts = SnapshotOptions::default();
     sopts.host = Some(begin.labels.host.clone().unwrap_or_else(|| opts.host.clone()));
     let tags = begin.labels.tags.join(",");
@@ -160,8 +162,20 @@ fn archive(
         let lines: Vec<String> = begin.labels.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
         snap.description = Some(lines.join("\n"));
     }
+    Ok(snap)
+}
+
+fn archive(
+    repo: &Repository<IndexedIdsStatus>,
+    gate: &Gate,
+    snap: SnapshotFile,
+    parent: Option<&SnapshotFile>,
+    source: BatchSource,
+    ring: &Arc<Ring>,
+) -> anyhow::Result<SnapshotFile> {
     gate.arm(ring.clone());
-    Ok(repo.archive(&BackupOptions::default(), &source, snap, &[PathBuf::from("/")])?)
+    let opts = BackupOptions::default().parent_opts(want::pinned(parent));
+    Ok(repo.archive(&opts, &source, snap, &[PathBuf::from("/")])?)
 }
 
 /// The 32 bytes of a snapshot id, as the durable ack carries them.

@@ -121,6 +121,12 @@ impl Entries {
         self.declared_bytes
     }
 
+    /// The entries rebuilt one at a time, in manifest order, leaving the manifest in place.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
+        let (mut at, mut path) = (0usize, Vec::new());
+        self.records.iter().map(move |r| rebuild(r, &self.arena, &mut at, &mut path))
+    }
+
     /// Files whose size is unknown until their END_OF_FILE (streams).
     pub(crate) fn streams(&self) -> u64 {
         self.streams
@@ -151,25 +157,31 @@ impl Iterator for EntryIter {
 
     fn next(&mut self) -> Option<Entry> {
         let r = self.records.next()?;
-        let (rest, target) = (usize::from(r.rest), usize::from(r.target));
-        self.path.truncate(usize::from(r.shared));
-        self.path.extend_from_slice(&self.arena[self.at..self.at + rest]);
-        let target = self.arena[self.at + rest..self.at + rest + target].to_vec();
-        self.at += rest + target.len();
-        Some(Entry {
-            path: self.path.clone(),
-            kind: r.kind,
-            size: r.size_known.then_some(r.size),
-            mode: r.mode,
-            uid: r.uid,
-            gid: r.gid,
-            mtime_ns: r.mtime_ns,
-            target,
-        })
+        Some(rebuild(&r, &self.arena, &mut self.at, &mut self.path))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.records.size_hint()
+    }
+}
+
+/// Rebuilds the entry of `r`, whose bytes start at `*at` in `arena`, from the previous entry's
+/// `path`; advances both.
+fn rebuild(r: &Record, arena: &[u8], at: &mut usize, path: &mut Vec<u8>) -> Entry {
+    let (rest, target) = (usize::from(r.rest), usize::from(r.target));
+    path.truncate(usize::from(r.shared));
+    path.extend_from_slice(&arena[*at..*at + rest]);
+    let target = arena[*at + rest..*at + rest + target].to_vec();
+    *at += rest + target.len();
+    Entry {
+        path: path.clone(),
+        kind: r.kind,
+        size: r.size_known.then_some(r.size),
+        mode: r.mode,
+        uid: r.uid,
+        gid: r.gid,
+        mtime_ns: r.mtime_ns,
+        target,
     }
 }
 
@@ -206,6 +218,7 @@ mod tests {
             entries.push(e, ROOMY).unwrap();
         }
         assert_eq!((entries.len(), entries.streams(), entries.declared_bytes()), (5, 0, 3 + 6 + 1));
+        assert_eq!(entries.iter().collect::<Vec<_>>(), given);
         assert_eq!(entries.into_iter().collect::<Vec<_>>(), given);
     }
 

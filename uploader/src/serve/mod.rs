@@ -17,6 +17,8 @@
 //!   that ended in a valid COMMIT with every file delivered whole.
 //! - `report.rs`: the one place an outcome is published, logged (rejections rate-limited) and
 //!   handed to the caller.
+//! - `want.rs`: the want-list, which files of a batch the archiver will read (the rest never
+//!   cross the ring), decided against the parent snapshot the archive is pinned to.
 //! - `shutdown.rs`, `node.rs`, `options.rs`: the grace period, manifest entries as rustic nodes,
 //!   and what the caller passes in and gets back.
 //!
@@ -35,6 +37,7 @@ mod run;
 mod segment;
 mod shutdown;
 mod source;
+mod want;
 
 pub use batch::{Repo, open_repo, snapshot_id_bytes};
 pub use http::{HttpOptions, OnBatch, Puller, bind, listen, pull, token_from};

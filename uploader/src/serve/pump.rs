@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use shmback_proto::batch::Event;
 use shmback_proto::frame::FrameKind;
-use shmback_proto::{BatchDecoder, Begin, Entry, RejectCode, RingError};
+use shmback_proto::{BatchDecoder, Begin, Entry, RejectCode, RingError, WantList};
 
 use super::shutdown::Shutdown;
 use super::source::Source;
@@ -189,7 +189,7 @@ impl Pump {
             Ok(Event::Entry { entry, .. }) => ManifestFrame::Entry(entry),
             Ok(Event::EndOfManifest { .. }) => ManifestFrame::EndOfManifest,
             Ok(Event::Abort { seq, reason, .. }) => ManifestFrame::Abort { seq, reason },
-            Ok(Event::Skipped(_)) => ManifestFrame::Skipped,
+            Ok(Event::Skipped(_) | Event::WantAsked) => ManifestFrame::Skipped,
             Ok(other) => {
                 let what: String = format!("{other:?}").chars().take(80).collect();
                 ManifestFrame::Invalid(format!("unexpected {what} outside a batch's data"))
@@ -212,6 +212,28 @@ impl Pump {
         self.incomplete = None;
         self.end = None;
         self.waiting_since = None;
+    }
+
+    /// Whether the open batch asked for a want-list (its producer waits for one).
+    pub(crate) fn want_asked(&self) -> bool {
+        self.decoder.want_asked()
+    }
+
+    /// Answers the open batch's WANT with `list` (published into the segment; only a ring's
+    /// producer can ask) and returns the list as published, which the batch's WANTED must name.
+    pub(crate) fn publish_want(&mut self, list: &WantList) -> WantList {
+        let seq = self.decoder.seq();
+        let published = match &mut self.source {
+            Source::Ring(c) => c.publish_want(seq, list),
+            Source::Body(_) => WantList::all(),
+        };
+        self.decoder.answer_want(published.clone());
+        published
+    }
+
+    /// Whether file `file` gets data (false: the applied want-list left it out).
+    pub(crate) fn file_wanted(&self, file: u64) -> bool {
+        self.decoder.file_wanted(file)
     }
 
     /// How the data phase ended, once it has.
@@ -314,6 +336,7 @@ impl Pump {
                 self.end = Some(BatchEnd::Committed);
                 (Step::Progress, None, true)
             }
+            Ok(Event::Wanted { .. }) => (Step::Progress, None, true),
             Ok(Event::Abort { reason, .. }) => {
                 (Step::Progress, Some((format!("the producer aborted the batch: {reason}"), RejectCode::Aborted)), true)
             }

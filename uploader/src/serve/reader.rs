@@ -6,7 +6,8 @@
 //! rustic opens files from several worker threads, so the reader whose file owns the next DATA
 //! frame copies it straight from the ring into rustic's buffer (one copy), the others wait. Files
 //! rustic drops unopened (unchanged since the parent snapshot) are marked skipped and their bytes
-//! drained by whoever steps the pump next.
+//! drained by whoever steps the pump next; with a want-list (`want.rs`) their bytes never come,
+//! and a left-out file the archiver opens after all fails the batch at once.
 
 use std::ffi::OsStr;
 use std::io::{self, Read};
@@ -30,6 +31,20 @@ fn read(ring: &Ring, file: u64, buf: &mut [u8]) -> io::Result<usize> {
             // The decoder accepts COMMIT only after every file's bytes: nothing is left.
             Some(BatchEnd::Committed) => return Ok(0),
             None => {}
+        }
+        if !pump.file_wanted(file) {
+            // The want-list left it out because the parent had it unchanged, yet the archiver
+            // wants its bytes: the parent changed since (removed, or its data gone from the
+            // index). No data will come; the batch fails and the producer sends it again.
+            let why = format!(
+                "file {file} was left out by the want-list (unchanged since the parent snapshot), but the \
+                 archiver reads it: the parent snapshot or its data changed between the want-list and the \
+                 archive; send the batch again"
+            );
+            pump.fail(why.clone(), RejectCode::StorageFailed);
+            drop(pump);
+            ring.notify();
+            return Err(io::Error::other(why));
         }
         if pump.file_done(file) {
             return Ok(0);
@@ -194,5 +209,87 @@ impl ReadSource for BatchSource {
     fn entries(&self) -> Self::Iter {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
         SourceEntries { entries: entries.into_iter(), ring: self.ring.clone(), next_file: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use shmback_proto::{Begin, Entry, Frame, Labels, Segment, SegmentOptions, WantList};
+
+    use super::*;
+    use crate::serve::pump::{ManifestFrame, Pump};
+    use crate::serve::shutdown::Shutdown;
+    use crate::serve::source::Source;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn file(path: &str, size: u64) -> Frame<'static> {
+        let path = path.as_bytes().to_vec();
+        Frame::Entry(Entry {
+            path,
+            kind: EntryKind::File,
+            size: Some(size),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            target: vec![],
+        })
+    }
+
+    /// The engine opens a file the want-list left out (its pinned parent vanished): the reader
+    /// fails the batch at once instead of waiting for bytes that will never come; the wanted
+    /// file's bytes still arrive whole.
+    #[test]
+    fn a_left_out_file_the_archiver_opens_fails_the_batch_at_once() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = shm.path().join("seg");
+        let opts = SegmentOptions { capacity: Some(64 << 10), ..SegmentOptions::default() };
+        let mut consumer = Segment::consumer(&path, &opts).unwrap();
+        consumer.answer_want_lists();
+        let mut producer = Segment::producer(&path, &opts).unwrap();
+        let epoch = producer.consumer_epoch();
+        for f in [Frame::Begin(Begin { seq: 1, labels: Labels::default() }), Frame::Want, file("a", 3), file("b", 2)] {
+            producer.send(&f, T).unwrap();
+        }
+        producer.send(&Frame::EndOfManifest { entries: 2 }, T).unwrap();
+        producer.flush();
+
+        let shutdown = Shutdown::new(Arc::new(AtomicBool::new(false)), T);
+        let ring = Arc::new(Ring::new(Pump::new(Source::Ring(consumer), Duration::from_millis(10), T, shutdown)));
+        loop {
+            match ring.lock().next_manifest_frame().unwrap() {
+                ManifestFrame::EndOfManifest => break,
+                ManifestFrame::Invalid(why) => panic!("{why}"),
+                _ => {}
+            }
+        }
+        assert!(ring.lock().want_asked());
+        ring.lock().start_data();
+        let mut list = WantList::none_of(2);
+        list.want(1);
+        assert_eq!(ring.lock().publish_want(&list), list);
+
+        let got = producer.wait_want(1, epoch, 2, T).unwrap();
+        assert_eq!(got, list);
+        producer.send(&Frame::Wanted { covered: got.covered(), digest: got.digest() }, T).unwrap();
+        producer.send(&Frame::Data(b"bb"), T).unwrap();
+        producer.send(&Frame::Commit { entries: 2, bytes: 2 }, T).unwrap();
+        producer.flush();
+
+        let mut buf = [0u8; 8];
+        assert_eq!(read(&ring, 1, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"bb");
+        let e = read(&ring, 0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("left out by the want-list"), "{e}");
+        match ring.lock().end() {
+            Some(BatchEnd::Failed(why, RejectCode::StorageFailed)) => {
+                assert!(why.contains("send the batch again"), "{why}")
+            }
+            other => panic!("the batch must fail as storage-failed (resend), got {other:?}"),
+        }
     }
 }

@@ -39,6 +39,9 @@ pub(crate) fn serve_segment(
     on_batch: impl FnMut(&BatchOutcome),
 ) -> Result<(), SegmentStop> {
     let label = path.display().to_string();
+    let mut consumer = consumer;
+    // Producers that know want-lists ask for one per batch from now on.
+    consumer.answer_want_lists();
     serve_source(repo, &label, Source::Ring(consumer), opts, stop, on_batch)
 }
 

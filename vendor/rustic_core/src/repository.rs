@@ -30,7 +30,7 @@ use crate::{
         warm_up::WarmUpAccessBackend,
     },
     blob::{
-        BlobId, BlobType, PackedId,
+        BlobId, BlobType, DataId, PackedId,
         tree::{
             FindMatches, FindNode, NodeStreamer, TreeId, TreeStreamerOptions as LsOptions,
             rewrite::RewriteTreesOptions,
@@ -1508,6 +1508,14 @@ impl<S: IndexedTree> Repository<S> {
 impl<S: IndexedTree> Repository<S> {
     pub(crate) fn index(&self) -> &impl ReadGlobalIndex {
         self.status.index()
+    }
+
+    /// Whether the index holds data blob `id` (with an index of ids or the full index).
+    ///
+    /// This is the test the archiver applies to a parent snapshot's unchanged file before it
+    /// reuses the file's content instead of reading it.
+    pub fn has_data(&self, id: &DataId) -> bool {
+        self.index().has_data(id)
     }
 
     /// Get a [`Node`] from a "SNAP\[:PATH\]" syntax

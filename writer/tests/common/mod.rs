@@ -82,7 +82,7 @@ pub fn receive(c: &mut Consumer<Segment>, mut on_manifest: impl FnMut(&[Entry]))
                 on_manifest(&r.entries);
             }
             Event::Data { file, bytes, .. } => r.unwrap().data[file as usize].extend_from_slice(bytes),
-            Event::EndOfFile { .. } | Event::Skipped(_) => {}
+            Event::EndOfFile { .. } | Event::Skipped(_) | Event::WantAsked | Event::Wanted { .. } => {}
             Event::Commit { .. } => {
                 f.release();
                 return Ok(got.unwrap());

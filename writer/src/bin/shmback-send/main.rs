@@ -275,7 +275,7 @@ fn run(args: Args) -> Result<(), WriteError> {
     let ticket = ticket?;
     let p = ticket.progress();
     let secs = ticket.elapsed().as_secs_f64().max(1e-9);
-    let sent = format!(
+    let mut sent = format!(
         "batch {}: {} entries, {} files, {} in {:.2} s ({}/s)",
         ticket.seq(),
         p.entries,
@@ -284,6 +284,13 @@ fn run(args: Args) -> Result<(), WriteError> {
         secs,
         human((p.bytes_done as f64 / secs) as u64)
     );
+    if p.files_unchanged > 0 {
+        sent += &format!(
+            ", {} files ({}) unchanged since the uploader's parent snapshot: not read",
+            p.files_unchanged,
+            human(p.bytes_unchanged)
+        );
+    }
     if args.wait_durable {
         let id = ticket.wait_durable(timeout)?;
         println!("{sent}; stored as snapshot {id}");
