@@ -167,9 +167,9 @@ async fn push(req: Request<Incoming>, peer: SocketAddr, bodies: &Arc<Bodies>, to
     let content_type = headers.get(CONTENT_TYPE).map(|v| v.as_bytes());
     if content_type != Some(FRAMES.as_bytes()) {
         return Reply::protocol(&format!(
-            "expected Content-Type {FRAMES} (shmback frames, codec version {}); this client speaks another \
-             protocol or version: run shmback-send from the same release as the uploader",
-            shmback_proto::frame::CODEC_VERSION
+            "expected Content-Type {FRAMES} (shmback frames of codec version 1; the want-list frames of \
+             version 2 are for rings only); this client speaks another protocol or version: run shmback-send \
+             from the same release as the uploader"
         ));
     }
     let producer = match headers.get(PRODUCER_HEADER).and_then(|v| v.to_str().ok()) {
