@@ -10,17 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `shmback-send`, built beside `shmback` by the workspace's test build.
-fn send_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_shmback")).with_file_name("shmback-send");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo test --workspace` (or cargo build -p shmback-writer)",
-        p.display()
-    );
-    p
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,17 +17,6 @@ use clap::Parser;
 use common::*;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use shmback_uploader::schedule::{ScheduleArgs, SchedulerOptions, SystemClock, plain, run_scheduler};
-
-/// `shmback-send`, built beside `shmback` by the workspace's test build.
-fn send_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_shmback")).with_file_name("shmback-send");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo test --workspace` (or cargo build -p shmback-writer)",
-        p.display()
-    );
-    p
-}
 
 /// `shmback run --segment SEG --state-dir STATE ARGS` on `repo`, logging to `log`.
 fn scheduled(repo: &str, seg: &Path, state: &Path, args: &[&str], log: &Path) -> Reaped {
@@ -118,6 +107,33 @@ fn a_failing_job_is_logged_with_its_status_and_stderr_and_the_daemon_goes_on() {
     let text = log_text(&log);
     assert!(text.contains("the-disk-is-gone") && text.contains("job failed"), "{text}");
     assert!(terminate(&mut up.0).success(), "{}", log_text(&log));
+}
+
+#[test]
+fn with_json_logs_a_jobs_stderr_is_logged_as_json_too() {
+    let (dir, repo) = fresh_repo();
+    let shm = shm_dir();
+    let log = dir.path().join("log");
+    let mut up = scheduled(
+        &repo,
+        &shm.path().join("seg"),
+        &dir.path().join("state"),
+        &["--log-format", "json", "--schedule", "@every 1s", "--job", "talk=echo from-the-job >&2"],
+        &log,
+    );
+    wait_for_count(&log, "from-the-job", 2);
+    assert!(terminate(&mut up.0).success(), "{}", log_text(&log));
+    let text = log_text(&log);
+    let mut seen = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line}\n{text}"));
+        if v["fields"]["message"] == "from-the-job" {
+            assert_eq!(v["fields"]["job"], "talk", "{line}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "{text}");
 }
 
 #[test]

@@ -243,13 +243,7 @@ impl LimitedBackend {
 }
 
 impl ReadBackend for LimitedBackend {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-
-    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.inner.list_with_size(tpe)
-    }
+    super::forward_read_meta!();
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
         // The size is known only once read: charged after, so the next read waits for it.
@@ -261,18 +255,6 @@ impl ReadBackend for LimitedBackend {
     fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
         self.down(length as usize);
         self.inner.read_partial(tpe, id, cacheable, offset, length)
-    }
-
-    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
-        self.inner.warmup_path(tpe, id)
-    }
-
-    fn needs_warm_up(&self) -> bool {
-        self.inner.needs_warm_up()
-    }
-
-    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
-        self.inner.warm_up(tpe, id)
     }
 }
 

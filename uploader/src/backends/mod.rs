@@ -5,6 +5,57 @@
 //! reads, empty meaning unset, secrets masked in messages), [`failure`] (the backend-neutral kind
 //! of a failure, for the exit status), [`limit`] (bandwidth limits around any of them).
 
+/// Inside an `impl ReadBackend for W` of a wrapper whose backend is `self.inner`: the methods it
+/// passes through unchanged besides the two reads (location, listing, warm-up).
+macro_rules! forward_read_meta {
+    () => {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn list_with_size(&self, tpe: rustic_core::FileType) -> rustic_core::RusticResult<Vec<(rustic_core::Id, u32)>> {
+            self.inner.list_with_size(tpe)
+        }
+        fn warmup_path(&self, tpe: rustic_core::FileType, id: &rustic_core::Id) -> String {
+            self.inner.warmup_path(tpe, id)
+        }
+        fn needs_warm_up(&self) -> bool {
+            self.inner.needs_warm_up()
+        }
+        fn warm_up(&self, tpe: rustic_core::FileType, id: &rustic_core::Id) -> rustic_core::RusticResult<()> {
+            self.inner.warm_up(tpe, id)
+        }
+    };
+}
+pub(crate) use forward_read_meta;
+
+/// `impl ReadBackend for $wrapper` passing every call through to `self.inner`: for the wrappers
+/// that act on writes only (the snapshot gate, the lock fence).
+macro_rules! forward_read_backend {
+    ($wrapper:ty) => {
+        impl rustic_core::ReadBackend for $wrapper {
+            $crate::backends::forward_read_meta!();
+            fn read_full(
+                &self,
+                tpe: rustic_core::FileType,
+                id: &rustic_core::Id,
+            ) -> rustic_core::RusticResult<bytes::Bytes> {
+                self.inner.read_full(tpe, id)
+            }
+            fn read_partial(
+                &self,
+                tpe: rustic_core::FileType,
+                id: &rustic_core::Id,
+                cacheable: bool,
+                offset: u32,
+                length: u32,
+            ) -> rustic_core::RusticResult<bytes::Bytes> {
+                self.inner.read_partial(tpe, id, cacheable, offset, length)
+            }
+        }
+    };
+}
+pub(crate) use forward_read_backend;
+
 pub mod azure;
 pub mod b2;
 mod dal;

@@ -170,7 +170,7 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Copies the job's stderr to ours, line by line with the job's name, keeping the last lines.
+/// Logs the job's stderr, line by line with the job's name, keeping the last lines.
 fn pass_on(stderr: std::process::ChildStderr, name: &str, tail: &Mutex<VecDeque<String>>) {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::new();
@@ -182,7 +182,8 @@ fn pass_on(stderr: std::process::ChildStderr, name: &str, tail: &Mutex<VecDeque<
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
-        eprintln!("[job {name}] {text}");
+        // Through the log, so `--log-format json` stays one object per line.
+        tracing::info!(job = name, stream = "stderr", "{text}");
         let mut cut = text.to_string();
         if cut.len() > TAIL_LINE_BYTES {
             let mut end = TAIL_LINE_BYTES;

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use rustic_core::{BytesList, ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
+use rustic_core::{BytesList, ErrorKind, FileType, Id, RusticError, RusticResult, WriteBackend};
 
 use super::pump::{BatchEnd, Ring};
 
@@ -50,36 +50,7 @@ impl GatedBackend {
     }
 }
 
-impl ReadBackend for GatedBackend {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.inner.list_with_size(tpe)
-    }
-    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<bytes::Bytes> {
-        self.inner.read_full(tpe, id)
-    }
-    fn read_partial(
-        &self,
-        tpe: FileType,
-        id: &Id,
-        cacheable: bool,
-        offset: u32,
-        length: u32,
-    ) -> RusticResult<bytes::Bytes> {
-        self.inner.read_partial(tpe, id, cacheable, offset, length)
-    }
-    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
-        self.inner.warmup_path(tpe, id)
-    }
-    fn needs_warm_up(&self) -> bool {
-        self.inner.needs_warm_up()
-    }
-    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
-        self.inner.warm_up(tpe, id)
-    }
-}
+crate::backends::forward_read_backend!(GatedBackend);
 
 impl WriteBackend for GatedBackend {
     fn create(&self) -> RusticResult<()> {

@@ -355,3 +355,14 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// `shmback-send`, built beside `shmback` by the workspace's test build.
+pub fn send_bin() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_shmback")).with_file_name("shmback-send");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo test --workspace` (or cargo build -p shmback-writer)",
+        p.display()
+    );
+    p
+}
