@@ -168,12 +168,15 @@ impl Outbox {
     /// #         let mut asm = shmback_proto::stream::FrameAssembler::new(1 << 20);
     /// #         let mut dec = shmback_proto::BatchDecoder::new();
     /// #         let mut seq = None;
-    /// #         while seq.is_none() {
+    /// #         // The whole body, up to its last (empty) chunk: closing a socket with unread bytes
+    /// #         // resets it, and the client could lose the answer.
+    /// #         loop {
     /// #             line.clear();
     /// #             r.read_line(&mut line).unwrap();
     /// #             let n = usize::from_str_radix(line.trim(), 16).unwrap();
     /// #             let mut chunk = vec![0; n + 2];
     /// #             r.read_exact(&mut chunk).unwrap();
+    /// #             if n == 0 { break; }
     /// #             asm.push(&chunk[..n]);
     /// #             while let Some((kind, payload)) = asm.peek().unwrap() {
     /// #                 let frame = shmback_proto::frame::decode(kind, payload).unwrap();
