@@ -10,33 +10,17 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{PW, Reaped, fresh_repo, noise, shm_dir, text, wait_exit, wait_for};
+use common::{Reaped, fresh_repo, noise, shm_dir, text, wait_exit, wait_for};
 use shmback_tests::s3_server::S3Server;
 use shmback_writer::{Outbox, OutboxOptions};
 
 const T: Duration = Duration::from_secs(120);
-const AK: &str = "shmbacktestaccesskey";
-const SK: &str = "shmbacktestsecretkey0123456789abcdefghij";
+use common::{S3_AK as AK, S3_SK as SK};
 
 /// `shmback ARGS` on `repo` with the test password and the S3 server's credentials (unused by a
 /// local repository).
 fn shmback(repo: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
-    c.args(args)
-        .env("RESTIC_REPOSITORY", repo)
-        .env("RESTIC_PASSWORD", PW)
-        .env("AWS_ACCESS_KEY_ID", AK)
-        .env("AWS_SECRET_ACCESS_KEY", SK)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("RESTIC_PASSWORD_FILE")
-        .env_remove("RESTIC_PASSWORD_COMMAND")
-        .env_remove("SHMBACK_LIMIT_UPLOAD")
-        .env_remove("SHMBACK_LIMIT_DOWNLOAD")
-        .stdin(Stdio::null());
-    c
+    common::shmback_s3(repo, args, SK)
 }
 
 fn out(c: &mut Command) -> Output {

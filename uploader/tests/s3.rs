@@ -18,8 +18,7 @@ use shmback_tests::s3_server::S3Server;
 use shmback_writer::{Outbox, OutboxOptions, WriteError};
 
 const T: Duration = Duration::from_secs(120);
-const AK: &str = "shmbacktestaccesskey";
-const SK: &str = "shmbacktestsecretkey0123456789abcdefghij";
+use common::{S3_AK as AK, S3_SK as SK};
 
 /// The shared in-process S3 server, with the test's key.
 fn start_server(root: &Path) -> S3Server {
@@ -27,21 +26,7 @@ fn start_server(root: &Path) -> S3Server {
 }
 
 fn shmback(repo: &str, args: &[&str], secret: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
-    c.args(args)
-        .env("RESTIC_REPOSITORY", repo)
-        .env("RESTIC_PASSWORD", "pw")
-        .env("AWS_ACCESS_KEY_ID", AK)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env("AWS_REGION", "us-east-1")
-        // No profile files, no instance metadata: the test's credentials only.
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("RESTIC_PASSWORD_FILE")
-        .env_remove("RESTIC_PASSWORD_COMMAND")
-        .stdin(Stdio::null());
-    c
+    common::shmback_s3(repo, args, secret)
 }
 
 fn out(c: &mut Command) -> Output {

@@ -366,3 +366,29 @@ pub fn send_bin() -> std::path::PathBuf {
     );
     p
 }
+
+/// The access key of the tests' in-process S3 server (`shmback_tests::s3_server`).
+pub const S3_AK: &str = "shmbacktestaccesskey";
+/// Its secret key.
+pub const S3_SK: &str = "shmbacktestsecretkey0123456789abcdefghij";
+
+/// `shmback ARGS` on `repo` with the test password [`PW`] and the S3 key [`S3_AK`] with `secret`;
+/// no profile files, no instance metadata, no password or bandwidth variables from outside.
+pub fn shmback_s3(repo: &str, args: &[&str], secret: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shmback"));
+    c.args(args)
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", PW)
+        .env("AWS_ACCESS_KEY_ID", S3_AK)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("RESTIC_PASSWORD_FILE")
+        .env_remove("RESTIC_PASSWORD_COMMAND")
+        .env_remove("SHMBACK_LIMIT_UPLOAD")
+        .env_remove("SHMBACK_LIMIT_DOWNLOAD")
+        .stdin(Stdio::null());
+    c
+}
