@@ -247,7 +247,9 @@ impl<BE: DecryptWriteBackend> Packer<BE> {
             pack_sizer,
         )));
 
-        let (tx, rx) = bounded(0);
+        // shmback patch (docs/upstream/0009-packer-handoffs.md): one slot, so an archiver thread
+        // hands its blob over without waiting for the packer thread to wake up.
+        let (tx, rx) = bounded(1);
         let (finish_tx, finish_rx) = bounded::<RusticResult<PackerStats>>(0);
         let packer = Self {
             raw_packer: raw_packer.clone(),
@@ -258,18 +260,22 @@ impl<BE: DecryptWriteBackend> Packer<BE> {
 
         let _join_handle = std::thread::spawn(move || {
             scope(|scope| {
+                // shmback patch (docs/upstream/0009-packer-handoffs.md): no `readahead` stages
+                // around the compressing `parallel_map`. Each was a thread joined by a rendezvous
+                // channel, so a blob crossed six threads (archiver -> readahead -> readahead ->
+                // map pump -> worker -> readahead -> this one) and, with blobs of a few KiB, the
+                // wake-ups cost more than the work. `parallel_map` pulls its input on this thread
+                // and keeps `2 x threads` blobs in flight, which is the parallelism the
+                // readaheads bought; the order of blobs (and so the packs' content) is the same.
                 let status = rx
                     .into_iter()
-                    .readahead_scoped(scope)
                     // early check if id is already contained
                     .filter(|(_, id)| !indexer.read().unwrap().has(id))
                     .filter(|(_, id)| !raw_packer.read().unwrap().has(id))
-                    .readahead_scoped(scope)
                     .parallel_map_scoped(scope, |(data, id): (Bytes, BlobId)| {
                         let (data, data_len, uncompressed_length) = be.process_data(&data)?;
                         Ok((data, id, u64::from(data_len), uncompressed_length))
                     })
-                    .readahead_scoped(scope)
                     // check again if id is already contained
                     // TODO: We may still save duplicate blobs - the indexer is only updated when the packfile write has completed
                     .filter(|res| {
