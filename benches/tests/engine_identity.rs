@@ -7,6 +7,10 @@
 //! - pack bytes: the blob is read from its pack file, decrypted with the repository's master key
 //!   and compared byte for byte with `zstd::stream::encode_all` at the repository's level (a new
 //!   zstd context, as upstream compresses every blob).
+//!
+//! Then what the per-thread decompression context (patch 0010) reads: every file back through the
+//! engine, and repository files whose payload is not one plain zstd frame, accepted or refused
+//! exactly as `zstd::stream::decode_all` accepts or refuses them.
 
 use std::collections::HashMap;
 use std::fs;
@@ -213,4 +217,60 @@ fn patched_engine_stores_what_upstream_stores() {
     }
     assert!(multi_chunk >= 5, "the corpus has files of several chunks ({multi_chunk})");
     assert!(blobs > files.len(), "{blobs} blobs checked");
+
+    // Read back through the engine (its per-thread zstd decompression context serves one blob
+    // after another, of every size above): each file's content is what was backed up.
+    let by_name: HashMap<&str, &Vec<u8>> = files.iter().map(|(n, d)| (n.as_str(), d)).collect();
+    for item in repo.ls(&root, &LsOptions::default()).unwrap() {
+        let (path, node) = item.unwrap();
+        if !node.is_file() {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut back = Vec::new();
+        repo.dump(&node, &mut back).unwrap();
+        assert!(back == *by_name[name.as_str()], "{name}: read back differs from what was backed up");
+    }
+
+    // Repository files whose zstd payload is not one plain frame: the engine decodes what
+    // `zstd::stream::decode_all` decodes and refuses what it refuses (then still decodes the next
+    // file: a failed context is not reused).
+    let snap_hex = snap.id.to_hex().to_string();
+    let sealed = fs::read(repo_dir.join("snapshots").join(&snap_hex)).unwrap();
+    let plain = cipher.decrypt(Nonce::from_slice(&sealed[..16]), &sealed[16..]).unwrap();
+    assert_eq!(plain[0], 2, "snapshot files of a version 2 repository are compressed");
+    let json = zstd::stream::decode_all(&plain[1..]).unwrap();
+    let seal = |payload: &[u8]| -> String {
+        let nonce = [7u8; 16];
+        let mut file = nonce.to_vec();
+        file.extend(cipher.encrypt(Nonce::from_slice(&nonce), [&[2u8][..], payload].concat().as_slice()).unwrap());
+        let id: String = Sha256::digest(&file).iter().map(|b| format!("{b:02x}")).collect();
+        fs::write(repo_dir.join("snapshots").join(&id), &file).unwrap();
+        id
+    };
+    let frame = zstd::stream::encode_all(&json[..], level).unwrap();
+    let half = json.len() / 2;
+    let two_frames =
+        [zstd::stream::encode_all(&json[..half], level).unwrap(), zstd::stream::encode_all(&json[half..], 1).unwrap()]
+            .concat();
+    let cases: [(&str, Vec<u8>, bool); 4] = [
+        ("two frames", two_frames, true),
+        ("a truncated frame", frame[..frame.len() - 3].to_vec(), false),
+        ("a frame and trailing bytes", [&frame[..], b"not zstd"].concat(), false),
+        ("not zstd at all", b"\x28\xb5\x2f\xfd but no frame".to_vec(), false),
+    ];
+    for (what, payload, decodes) in cases {
+        assert_eq!(zstd::stream::decode_all(&payload[..]).is_ok(), decodes, "{what}: upstream's verdict");
+        let id = seal(&payload);
+        match repo.get_snapshots(&[id.as_str()]) {
+            Ok(got) => {
+                assert!(decodes, "{what}: the engine decoded what upstream refuses");
+                assert_eq!(got[0].tree, snap.tree, "{what}: decoded to another snapshot");
+            }
+            Err(e) => assert!(!decodes, "{what}: the engine refused what upstream decodes: {e}"),
+        }
+        fs::remove_file(repo_dir.join("snapshots").join(&id)).unwrap();
+        let again = repo.get_snapshots(&[snap_hex.as_str()]).unwrap();
+        assert_eq!(again[0].tree, snap.tree, "after {what}: the stored snapshot still reads");
+    }
 }

@@ -5,7 +5,7 @@ use crossbeam_channel::{Receiver, bounded};
 use rayon::{prelude::*, spawn};
 use zstd::stream::{
     decode_all,
-    raw::{Encoder, InBuffer, Operation, OutBuffer},
+    raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer},
 };
 
 pub use zstd::compression_level_range;
@@ -78,7 +78,7 @@ pub trait DecryptReadBackend: ReadBackend + Clone + 'static {
     ) -> RusticResult<Bytes> {
         let mut data = self.decrypt(data)?;
         if let Some(length) = uncompressed_length {
-            data = decode_all(&*data).map_err(|err| {
+            data = zstd_decode_all(&data, length.get() as usize).map_err(|err| {
                 RusticError::with_source(
                     ErrorKind::Internal,
                     "Failed to decode zstd compressed data. The data may be corrupted.",
@@ -437,6 +437,66 @@ fn zstd_encode_all(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Decompresses `data` exactly as `zstd::stream::decode_all(data)` does (every frame in it, an
+/// error for a truncated or corrupt one), with a zstd decompression context kept per thread.
+/// `size_hint` (the expected size, 0 if unknown) sizes the output buffer.
+///
+/// shmback patch (docs/upstream/0010-zstd-dctx-reuse.md): `decode_all` creates and frees a
+/// decompression context for every blob and tree it reads; `ZSTD_createDCtx` was half of the cost
+/// of `extra_verify` (which decompresses every blob a backup writes) and showed in reading a
+/// parent snapshot's trees. The context is reset between calls (`ZSTD_DCtx_reset(session_only)`:
+/// nothing of the last input carries over).
+///
+/// # Errors
+///
+/// * If zstd fails to create the context, or the data is not complete, valid zstd frames.
+fn zstd_decode_all(data: &[u8], size_hint: usize) -> io::Result<Vec<u8>> {
+    thread_local! {
+        static DECODER: RefCell<Option<Decoder<'static>>> = const { RefCell::new(None) };
+    }
+    if data.is_empty() {
+        // What `decode_all` makes of no input, whichever it is; never a blob rustic writes.
+        return decode_all(data);
+    }
+    DECODER.with(|slot| {
+        // Taken out while in use: an error drops the context, the next call gets a fresh one.
+        let taken = slot.borrow_mut().take();
+        let mut decoder = match taken {
+            Some(mut decoder) => {
+                decoder.reinit()?;
+                decoder
+            }
+            None => Decoder::new()?,
+        };
+        let mut out = Vec::with_capacity(size_hint);
+        let mut input = InBuffer::around(data);
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(zstd::zstd_safe::DCtx::out_size());
+            }
+            let pos = out.len();
+            let mut output = OutBuffer::around_pos(&mut out, pos);
+            let hint = decoder.run(&mut input, &mut output)?;
+            let output_full = output.pos() == output.capacity();
+            let made_progress = output.pos() > pos;
+            if input.pos() == data.len() {
+                if hint == 0 {
+                    // The last frame is complete and flushed: all of `data` is decoded.
+                    break;
+                }
+                if !output_full && !made_progress {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "incomplete frame",
+                    ));
+                }
+            }
+        }
+        *slot.borrow_mut() = Some(decoder);
+        Ok(out)
+    })
+}
+
 /// A backend that can decrypt data.
 ///
 /// # Type Parameters
@@ -484,7 +544,7 @@ impl<C: CryptoKey> DecryptBackend<C> {
         let decrypted = self.decrypt(data)?;
         Ok(match decrypted.first() {
             Some(b'{' | b'[') => decrypted, // not compressed
-            Some(2) => decode_all(&decrypted[1..]).map_err(|err| {
+            Some(2) => zstd_decode_all(&decrypted[1..], 0).map_err(|err| {
                 RusticError::with_source(
                     ErrorKind::Internal,
                     "Failed to decode zstd compressed data. The data may be corrupted.",
