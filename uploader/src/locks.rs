@@ -576,10 +576,26 @@ impl RepoLock {
         fence: &Fence,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<RepoLock, LockError> {
+        Self::acquire_settling(repo, exclusive, opts, fence, cancelled, &mut || {})
+    }
+
+    /// [`Self::acquire`], running `settling` while restic's protocol waits after writing the lock
+    /// file (before it checks for conflicting locks again): the pause becomes at least as long as
+    /// `settling`, no longer. It runs once per lock file written (again after a race backs off),
+    /// under a lock not yet confirmed: what it reads must be checked again once the lock is held
+    /// (`serve::batch` re-lists the index files it loaded).
+    pub fn acquire_settling(
+        repo: &Repository<OpenStatus>,
+        exclusive: bool,
+        opts: &LockOptions,
+        fence: &Fence,
+        cancelled: &dyn Fn() -> bool,
+        settling: &mut dyn FnMut(),
+    ) -> Result<RepoLock, LockError> {
         let start = Instant::now();
         let gate = ProcessGate::of(&gate_key(repo));
         let guard = gate.enter(exclusive, opts.retry, cancelled)?;
-        let (id, lock) = acquire_file(fence, repo, exclusive, opts, start, cancelled)?;
+        let (id, lock) = acquire_file(fence, repo, exclusive, opts, start, cancelled, settling)?;
         let waited = start.elapsed();
         metrics::histogram!("shmback_lock_wait_seconds").record(waited.as_secs_f64());
         metrics::gauge!("shmback_locks_held", "kind" => kind_label(exclusive)).increment(1.0);
@@ -656,6 +672,7 @@ fn acquire_file(
     opts: &LockOptions,
     start: Instant,
     cancelled: &dyn Fn() -> bool,
+    settling: &mut dyn FnMut(),
 ) -> Result<(LockId, LockFile), LockError> {
     let host = this_host();
     let mut pause = opts.first_pause;
@@ -665,7 +682,9 @@ fn acquire_file(
         if others.is_empty() {
             let lock = LockFile::for_this_process(exclusive);
             let id = repo.save_file(&lock)?;
-            std::thread::sleep(opts.settle);
+            let written = Instant::now();
+            settling();
+            std::thread::sleep(opts.settle.saturating_sub(written.elapsed()));
             match conflicts(fence, repo, exclusive, Some(id), &host) {
                 Ok(found) if found.is_empty() => return Ok((id, lock)),
                 Ok(found) => {

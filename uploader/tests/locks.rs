@@ -13,13 +13,17 @@ use common::{
     wait_exit, wait_for_log,
 };
 use jiff::{SignedDuration, Timestamp};
-use rustic_core::{FileType, KeepOptions, OpenStatus, PruneOptions, Repository, SnapshotGroupCriterion};
+use rustic_core::{
+    BackupOptions, FileType, KeepOptions, OpenStatus, PathList, PruneOptions, Repository, SnapshotGroupCriterion,
+    SnapshotOptions,
+};
 use shmback_proto::RejectCode;
 use shmback_uploader::commands::{self, open_plain};
 use shmback_uploader::locks::{Fence, LockFile, LockId, LockOptions, RepoLock, this_host};
 use shmback_uploader::repository::{self, Purpose};
+use shmback_uploader::serve::BatchOutcome;
 use shmback_uploader::{RepositoryConfig, serve::snapshot_id_bytes};
-use shmback_writer::WriteError;
+use shmback_writer::{Outbox, OutboxOptions, WriteError};
 
 /// Lock timings for in-process tests: waits of a couple of seconds, quick retries.
 fn quick_locks(retry: Duration) -> LockOptions {
@@ -320,4 +324,50 @@ fn a_held_lock_is_refreshed_replacing_its_file() {
     assert_eq!(repo.get_all_snapshots().unwrap().len(), 1);
     drop(lock);
     assert!(lock_files(&loc).is_empty(), "released on drop, refresh thread stopped");
+}
+
+#[test]
+fn index_files_written_while_a_batch_lock_settles_are_loaded_before_its_archive() {
+    // The daemon prepares a batch's index, parent and want-list during restic's pause after
+    // writing the lock file, and keeps them only if the index files are still the same once the
+    // lock is confirmed. Another backup (a restic backup takes only a shared lock, so nothing
+    // stops it) stores a blob during that pause; the batch then sends the same bytes: reloaded,
+    // its index knows the blob and the batch adds no data blob of its own.
+    let (dir, loc) = fresh_repo();
+    let shm = shm_dir();
+    let seg = shm.path().join("seg");
+    let settle = Duration::from_secs(5);
+    let config = RepositoryConfig { locks: LockOptions { settle, ..quick_locks(T) }, ..cfg(&loc) };
+    let server = Server::start_config(config, &seg, quick_opts(), |o| match o {
+        BatchOutcome::Stored { snapshot, .. } => snapshot.summary.as_ref().map(|s| s.data_blobs),
+        other => panic!("not stored: {other:?}"),
+    });
+    let shared = "bytes that the other backup stores first\n".repeat(50);
+    let producer = {
+        let (seg, shared) = (seg.clone(), shared.clone());
+        std::thread::spawn(move || {
+            let mut ob = Outbox::open(&seg, OutboxOptions { timeout: T, ..OutboxOptions::default() })?;
+            let mut b = ob.batch();
+            b.add_bytes("same-content", shared)?;
+            b.commit()?.wait_durable(T)
+        })
+    };
+    poll("the batch's lock file", || !lock_files(&loc).is_empty());
+    let written = Instant::now();
+    // Well after the batch's preparation (a fresh repository's index loads in milliseconds),
+    // well before the end of the pause.
+    std::thread::sleep(Duration::from_millis(1000));
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("first"), &shared).unwrap();
+    let repo = repo_of(&loc).to_indexed_ids().unwrap();
+    let paths = PathList::from_string(other.to_str().unwrap()).unwrap().sanitize().unwrap();
+    let snap =
+        repo.backup(&BackupOptions::default(), &paths, SnapshotOptions::default().to_snapshot().unwrap()).unwrap();
+    assert_eq!(snap.summary.as_ref().unwrap().data_blobs, 1, "the other backup stored the blob");
+    assert!(written.elapsed() < settle, "the other backup ended within the pause ({:?})", written.elapsed());
+
+    producer.join().unwrap().expect("the batch is stored");
+    let new_blobs = server.stop();
+    assert_eq!(new_blobs, vec![0], "the batch deduplicated against the backup made during its lock's pause");
 }

@@ -1,10 +1,11 @@
 //! One batch, once its manifest is complete: archived by rustic_core into one snapshot whose
 //! file is written only if the batch's data ended in a valid COMMIT (the snapshot gate).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustic_core::repofile::SnapshotFile;
+use rustic_core::repofile::{IndexId, SnapshotFile};
 use rustic_core::{BackupOptions, IndexedIdsStatus, OpenStatus, Repository, SnapshotOptions};
 use tracing::{debug, info};
 
@@ -82,7 +83,17 @@ pub(crate) fn run_batch(
     );
     // A non-exclusive restic lock from the index load to the snapshot stored: a `restic prune`
     // (or this process's own prune) cannot delete packs this batch uploads but has not indexed.
-    let _lock = match lock_for_batch(repo, ring) {
+    // The index, the parent and the want-list are prepared while restic's protocol waits after
+    // writing the lock file (200 ms, most of an unchanged batch's time otherwise) and kept only
+    // if the index files are still the ones loaded once the lock is confirmed: a prune that
+    // changed the repository meanwhile changes its index files (it writes new ones and deletes
+    // the old before deleting packs), and then all three are prepared again under the lock.
+    let want = ring.lock().want_asked();
+    let mut early: Option<Prepared> = None;
+    let locked = lock_for_batch(repo, ring, &mut || {
+        early = repo.repo.as_ref().and_then(|open| Prepared::load(open, &begin, opts, &entries, want));
+    });
+    let _lock = match locked {
         Ok(lock) => lock,
         Err((why, code)) => {
             ring.lock().skip_rest_of_batch();
@@ -93,24 +104,35 @@ pub(crate) fn run_batch(
     // snapshot's "unchanged file" shortcut trust it, so it must say what the repository holds
     // now (an index file removed meanwhile must not be believed), and between batches the
     // daemon holds no index in memory.
-    let indexed = match repo.repo.take().map(Repository::to_indexed_ids) {
-        Some(Ok(indexed)) => indexed,
-        failed => {
-            let e = match failed {
-                Some(Err(e)) => anyhow::Error::new(e),
-                _ => anyhow::anyhow!("the repository handle was lost by an earlier failure"),
+    let early = early.filter(|p| p.still_current(repo));
+    let reused = early.is_some();
+    let (indexed, snap, parent, list) = match early {
+        Some(p) => {
+            drop(repo.repo.take());
+            (p.indexed, p.snap, p.parent, p.list)
+        }
+        None => {
+            let indexed = match repo.repo.take().map(Repository::to_indexed_ids) {
+                Some(Ok(indexed)) => indexed,
+                failed => {
+                    let e = match failed {
+                        Some(Err(e)) => anyhow::Error::new(e),
+                        _ => anyhow::anyhow!("the repository handle was lost by an earlier failure"),
+                    };
+                    ring.lock().skip_rest_of_batch();
+                    let why = without_empty_backtraces(&format!("loading the repository's index failed: {e:#}"));
+                    return (BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }, Err(e));
+                }
             };
-            ring.lock().skip_rest_of_batch();
-            let why = without_empty_backtraces(&format!("loading the repository's index failed: {e:#}"));
-            return (BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }, Err(e));
+            let p = Prepared::with(indexed, BTreeSet::new(), &begin, opts, &entries, want);
+            (p.indexed, p.snap, p.parent, p.list)
         }
     };
+    debug!(seq, reused, "index, parent and want-list prepared");
     ring.lock().start_data();
-    let result = snapshot_for(&begin, opts).and_then(|snap| {
-        // The parent is looked up once, answers the want-list and is the one the archive uses.
-        let parent = want::find_parent(&indexed, &snap);
-        if ring.lock().want_asked() {
-            want::answer(&indexed, parent.as_ref(), &entries, ring, seq);
+    let result = snap.and_then(|snap| {
+        if let Some(list) = list {
+            list.publish(parent.as_ref(), ring, seq);
         }
         archive(&indexed, &repo.gate, snap, parent.as_ref(), BatchSource::new(entries, ring.clone()), ring)
     });
@@ -137,16 +159,70 @@ pub(crate) fn run_batch(
     (outcome, Ok(()))
 }
 
-/// Takes the batch's repository lock, waiting up to `--retry-lock` for conflicting ones; if it
-/// cannot, why (for the log and the producer, who resends the batch) and the code to send.
-/// (None without a repository handle: the index load below reports that.)
-fn lock_for_batch(repo: &Repo, ring: &Arc<Ring>) -> Result<Option<RepoLock>, (String, RejectCode)> {
+/// Takes the batch's repository lock, waiting up to `--retry-lock` for conflicting ones and
+/// running `settling` while restic's protocol waits; if it cannot, why (for the log and the
+/// producer, who resends the batch) and the code to send. (None without a repository handle:
+/// the index load reports that.)
+fn lock_for_batch(
+    repo: &Repo,
+    ring: &Arc<Ring>,
+    settling: &mut dyn FnMut(),
+) -> Result<Option<RepoLock>, (String, RejectCode)> {
     let Some(open) = repo.repo.as_ref() else { return Ok(None) };
     let stopping = || ring.lock().shutdown.requested();
-    RepoLock::acquire(open, false, &repo.locks, &repo.fence, &stopping).map(Some).map_err(|e| {
+    RepoLock::acquire_settling(open, false, &repo.locks, &repo.fence, &stopping, settling).map(Some).map_err(|e| {
         let code = if matches!(e, LockError::Cancelled) { RejectCode::ShuttingDown } else { RejectCode::StorageFailed };
         (without_empty_backtraces(&format!("batch not stored, resend it later: {e}")), code)
     })
+}
+
+/// What a batch needs before its data, prepared under a lock not yet confirmed.
+struct Prepared {
+    /// The index files listed before the index was loaded.
+    index_files: BTreeSet<IndexId>,
+    indexed: Repository<IndexedIdsStatus>,
+    snap: anyhow::Result<SnapshotFile>,
+    parent: Option<SnapshotFile>,
+    list: Option<want::Computed>,
+}
+
+impl Prepared {
+    /// None if the index cannot be listed or loaded now (it is loaded again under the lock,
+    /// where a failure rejects the batch).
+    fn load(
+        open: &Repository<OpenStatus>,
+        begin: &shmback_proto::Begin,
+        opts: &ServeOptions,
+        entries: &super::manifest::Entries,
+        want: bool,
+    ) -> Option<Prepared> {
+        let index_files = open.list::<IndexId>().ok()?.collect();
+        let indexed = open.clone().to_indexed_ids().ok()?;
+        Some(Prepared::with(indexed, index_files, begin, opts, entries, want))
+    }
+
+    /// The snapshot, parent and (if the producer asked) want-list of a batch, on `indexed`.
+    fn with(
+        indexed: Repository<IndexedIdsStatus>,
+        index_files: BTreeSet<IndexId>,
+        begin: &shmback_proto::Begin,
+        opts: &ServeOptions,
+        entries: &super::manifest::Entries,
+        want: bool,
+    ) -> Prepared {
+        let snap = snapshot_for(begin, opts);
+        // The parent is looked up once, answers the want-list and is the one the archive uses.
+        let parent = snap.as_ref().ok().and_then(|snap| want::find_parent(&indexed, snap));
+        let list = (want && snap.is_ok()).then(|| want::Computed::new(&indexed, parent.as_ref(), entries));
+        Prepared { index_files, indexed, snap, parent, list }
+    }
+
+    /// Whether the repository's index files are still the ones loaded (index files are named
+    /// by their content: the same names are the same index).
+    fn still_current(&self, repo: &Repo) -> bool {
+        let Some(open) = repo.repo.as_ref() else { return false };
+        open.list::<IndexId>().is_ok_and(|now| now.collect::<BTreeSet<_>>() == self.index_files)
+    }
 }
 
 /// The snapshot file a batch becomes: host, tags and key/values from its BEGIN.

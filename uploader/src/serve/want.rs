@@ -43,32 +43,38 @@ pub(crate) fn pinned(parent: Option<&SnapshotFile>) -> ParentOptions {
     }
 }
 
-/// Answers batch `seq`'s WANT: computes its want-list, publishes it to the producer, logs and
-/// counts what it leaves out.
-pub(crate) fn answer(
-    repo: &Repository<IndexedIdsStatus>,
-    parent: Option<&SnapshotFile>,
-    entries: &Entries,
-    ring: &Ring,
-    seq: u64,
-) {
-    let started = Instant::now();
-    let list = want_list(repo, parent, entries);
-    let files = list.covered();
-    let published = ring.lock().publish_want(&list);
-    let unchanged = published.unwanted_of(files);
-    metrics::counter!("shmback_want_list_files_total", "result" => "unchanged").increment(unchanged);
-    metrics::counter!("shmback_want_list_files_total", "result" => "wanted").increment(files - unchanged);
-    metrics::histogram!("shmback_want_list_duration_seconds").record(started.elapsed().as_secs_f64());
-    info!(
-        seq,
-        files,
-        unchanged,
-        covered = published.covered(),
-        parent = ?parent.map(|p| p.id.to_string()),
-        took_ms = started.elapsed().as_millis() as u64,
-        "want-list published"
-    );
+/// Batch's WANT answer, computed and not yet published.
+pub(crate) struct Computed {
+    list: WantList,
+    took: std::time::Duration,
+}
+
+impl Computed {
+    /// Computes the want-list of `entries` against `parent`.
+    pub(crate) fn new(repo: &Repository<IndexedIdsStatus>, parent: Option<&SnapshotFile>, entries: &Entries) -> Self {
+        let started = Instant::now();
+        let list = want_list(repo, parent, entries);
+        Computed { list, took: started.elapsed() }
+    }
+
+    /// Publishes the list to batch `seq`'s producer; logs and counts what it leaves out.
+    pub(crate) fn publish(self, parent: Option<&SnapshotFile>, ring: &Ring, seq: u64) {
+        let files = self.list.covered();
+        let published = ring.lock().publish_want(&self.list);
+        let unchanged = published.unwanted_of(files);
+        metrics::counter!("shmback_want_list_files_total", "result" => "unchanged").increment(unchanged);
+        metrics::counter!("shmback_want_list_files_total", "result" => "wanted").increment(files - unchanged);
+        metrics::histogram!("shmback_want_list_duration_seconds").record(self.took.as_secs_f64());
+        info!(
+            seq,
+            files,
+            unchanged,
+            covered = published.covered(),
+            parent = ?parent.map(|p| p.id.to_string()),
+            took_ms = self.took.as_millis() as u64,
+            "want-list published"
+        );
+    }
 }
 
 /// The files of `entries` the archiver will read: all of them without a parent; with one, all
