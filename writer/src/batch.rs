@@ -171,13 +171,15 @@ impl<'o> Batch<'o> {
         // Files below `dir` are found again as `dir` joined with their snapshot path below `prefix`.
         let root = self.entries.add_root(dir);
         let suffix_from = if prefix.is_empty() { 0 } else { prefix.len() + 1 };
-        self.walk(Walk { root, suffix_from: suffix_from as u32 }, prefix, dir)
+        let listing = std::fs::read_dir(dir).map_err(|source| WriteError::Io { path: dir.into(), source })?;
+        self.walk(Walk { root, suffix_from: suffix_from as u32 }, prefix, dir, listing)
     }
 
-    fn walk(&mut self, walk: Walk, prefix: &[u8], dir: &Path) -> Result<(), WriteError> {
+    /// Adds what `listing` (the open directory `dir`) holds, below snapshot path `prefix`.
+    fn walk(&mut self, walk: Walk, prefix: &[u8], dir: &Path, listing: std::fs::ReadDir) -> Result<(), WriteError> {
         let io = |source| WriteError::Io { path: dir.into(), source };
         let mut children = Vec::new();
-        for e in std::fs::read_dir(dir).map_err(io)? {
+        for e in listing {
             let e = e.map_err(io)?;
             children.push(e.file_name());
         }
@@ -207,7 +209,8 @@ impl<'o> Batch<'o> {
                             fs_path,
                             "directory not readable by this user (permission denied): stored empty".to_string(),
                         )),
-                        _ => self.walk(walk, &snap, &fs_path)?,
+                        Err(source) => return Err(WriteError::Io { path: fs_path, source }),
+                        Ok(listing) => self.walk(walk, &snap, &fs_path, listing)?,
                     }
                 }
                 None => {

@@ -8,6 +8,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use shmback_proto::frame::validate_path;
 use shmback_proto::{Entry, EntryKind};
@@ -55,7 +56,12 @@ struct Store<'a> {
     roots: Vec<(usize, usize)>,
     readers: Vec<Option<Box<dyn Read + Send + 'a>>>,
     buffers: Vec<Vec<u8>>,
+    /// When the oldest on-disk metadata in `records` was read (None: no on-disk entries).
+    stat_at: Option<Instant>,
 }
+
+/// On-disk metadata read less than this long before a send is not read again for it.
+const METADATA_FRESH_FOR: Duration = Duration::from_secs(1);
 
 impl Store<'_> {
     fn path(&self, r: &Record) -> &[u8] {
@@ -97,6 +103,7 @@ impl<'a> EntryList<'a> {
                 roots: Vec::new(),
                 readers: Vec::new(),
                 buffers: Vec::new(),
+                stat_at: None,
             },
             index: HashMap::new(),
             hasher: RandomState::new(),
@@ -148,6 +155,10 @@ impl<'a> EntryList<'a> {
     /// Checks `path` (valid, not added yet, nothing but directories above it, nothing below it
     /// unless it is a directory) and adds the entry; an error leaves the list unchanged.
     pub(crate) fn add(&mut self, path: &[u8], entry: NewEntry<'a>) -> Result<(), WriteError> {
+        if matches!(entry.data, NewData::File { .. }) {
+            // Its metadata was read just now, by the caller.
+            self.store.stat_at.get_or_insert_with(Instant::now);
+        }
         let shown = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
         validate_path(path).map_err(|why| WriteError::InvalidPath { path: shown(path), why })?;
         let is_dir = entry.kind == EntryKind::Dir;
@@ -309,8 +320,15 @@ impl<'a> Manifest<'a> {
     }
 
     /// Re-reads every on-disk file's metadata for the manifest; nothing has been sent yet, so a
-    /// vanished or retyped file simply fails the commit.
+    /// vanished or retyped file simply fails the commit. Metadata read less than a second ago
+    /// (a directory walked and committed at once, as `shmback-send` does) is kept: a second
+    /// `lstat` of every file cost as much as the walk, and a file that changes after the last
+    /// read is found at its send either way (its size and mtime are checked as it is read).
     pub(crate) fn refresh_metadata(&mut self) -> Result<(), WriteError> {
+        if self.store.stat_at.is_none_or(|t| t.elapsed() < METADATA_FRESH_FOR) {
+            return Ok(());
+        }
+        let started = Instant::now();
         for i in 0..self.store.records.len() {
             let Some(p) = self.store.fs_path(&self.store.records[i]) else { continue };
             let m = std::fs::symlink_metadata(&p).map_err(|source| WriteError::Io { path: p.clone(), source })?;
@@ -320,6 +338,7 @@ impl<'a> Manifest<'a> {
             let r = &mut self.store.records[i];
             (r.size, r.mode, r.uid, r.gid, r.mtime_ns) = (Some(m.len()), m.mode(), m.uid(), m.gid(), mtime_ns(&m));
         }
+        self.store.stat_at = Some(started);
         Ok(())
     }
 

@@ -408,3 +408,37 @@ fn a_rejected_batch_is_reported_to_the_ticket() {
     c.publish_rejected(got.begin.seq, RejectCode::StorageFailed);
     assert!(matches!(t.wait_durable(T), Err(WriteError::Rejected { code: RejectCode::StorageFailed, .. })));
 }
+
+#[test]
+fn metadata_older_than_a_second_is_read_again_at_commit_and_fresh_metadata_is_kept() {
+    // A batch committed long after its directory was walked sends what is on disk at the commit
+    // (the grown file's new size, its data); one committed at once keeps the walk's metadata, and
+    // a file that changed in between is caught as it is read, not sent with a wrong size.
+    for (wait, committed) in [(Duration::from_millis(1300), true), (Duration::ZERO, false)] {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("grows"), content(3, 1000)).unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let seg = shm.path().join("seg");
+        let mut c = Segment::consumer(&seg, &opts(64 << 10)).unwrap();
+        let root = src.path().to_path_buf();
+        let producer = producer(&seg, 64 << 10, move |ob| {
+            let mut b = ob.batch();
+            b.add_dir("", &root).unwrap();
+            std::thread::sleep(wait);
+            std::fs::OpenOptions::new().append(true).open(root.join("grows")).unwrap().write_all(b"more").unwrap();
+            b.commit().map(|t| t.seq())
+        });
+        let got = receive(&mut c, |_| {}).unwrap();
+        let size = got.entries.iter().find(|e| e.path == b"grows").and_then(|e| e.size);
+        if committed {
+            assert!(matches!(got.outcome, Outcome::Commit), "waited {wait:?}: {:?}", got.outcome);
+            assert_eq!(size, Some(1004), "the commit read the grown file's metadata again");
+            assert_eq!(got.file(b"grows").len(), 1004);
+            producer.join().unwrap().unwrap();
+        } else {
+            assert_eq!(size, Some(1000), "metadata read moments ago is sent as read");
+            assert!(matches!(got.outcome, Outcome::Abort(_)), "{:?}", got.outcome);
+            assert!(matches!(producer.join().unwrap(), Err(WriteError::SourceChanged { .. })));
+        }
+    }
+}
