@@ -247,7 +247,7 @@ impl<'o> Batch<'o> {
 
     /// Sends the batch: BEGIN, the manifest in depth-first path order (with any missing parent
     /// directories added), the file data in manifest order, COMMIT. Returns a [`Ticket`] for the
-    /// durable ack.
+    /// durable ack. Files' metadata read more than a second before is read again first.
     pub fn commit(self) -> Result<Ticket<'o>, WriteError> {
         self.commit_with_progress(|_| {})
     }
