@@ -93,6 +93,17 @@ fn read_answer(s: &mut TcpStream) -> Answer {
 }
 
 /// Starts a chunked POST of a batch; the caller writes chunks with [`chunk`].
+/// The answer `s` has received within `wait`, if any.
+fn answered_within(s: &mut TcpStream, wait: Duration) -> Option<Answer> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let waiting = s.peek(&mut [0u8; 1]);
+    s.set_read_timeout(Some(T)).unwrap();
+    match waiting {
+        Ok(n) if n > 0 => Some(read_answer(s)),
+        _ => None,
+    }
+}
+
 fn open_push(addr: SocketAddr, token: Option<&str>, producer: &str, content_type: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
@@ -294,14 +305,21 @@ fn one_batch_in_flight_per_producer_and_two_producers_at_once() {
     let mut a = open_push(l.addr, None, "a", CONTENT_TYPE);
     chunk(&mut a, &body_a[..1000]);
     // Another body of a meanwhile: 429, retry later. (Sent until a's first body has reached
-    // the uploader; an empty body that got through instead is answered 400 and stores nothing.)
+    // the uploader; an empty body that got through instead is answered 400 and stores nothing,
+    // and if a's first body arrived while that one was in flight, it was the one refused with
+    // 429: it is opened again.)
     let t = std::time::Instant::now();
     let busy = loop {
-        let a = push(l.addr, None, "a", &[], 1);
-        if a.status == 429 || t.elapsed() > T {
-            break a;
+        let probe = push(l.addr, None, "a", &[], 1);
+        if probe.status == 429 || t.elapsed() > T {
+            break probe;
         }
-        assert_eq!(a.status, 400, "{a:?}");
+        assert_eq!(probe.status, 400, "{probe:?}");
+        if let Some(refused) = answered_within(&mut a, Duration::from_millis(50)) {
+            assert_eq!(refused.status, 429, "{refused:?}");
+            a = open_push(l.addr, None, "a", CONTENT_TYPE);
+            chunk(&mut a, &body_a[..1000]);
+        }
     };
     assert_eq!((busy.status, busy.json()["code"].as_str()), (429, Some("busy")), "{busy:?}");
     // Producer b is not held up by a.
