@@ -89,9 +89,9 @@ pub(crate) fn run_batch(
     // changed the repository meanwhile changes its index files (it writes new ones and deletes
     // the old before deleting packs), and then all three are prepared again under the lock.
     let want = ring.lock().want_asked();
-    let mut early: Option<Prepared> = None;
+    let mut early: Option<Early> = None;
     let locked = lock_for_batch(repo, ring, &mut || {
-        early = repo.repo.as_ref().and_then(|open| Prepared::load(open, &begin, opts, &entries, want));
+        early = repo.repo.as_ref().and_then(|open| Early::load(open, &begin, opts, &entries, want));
     });
     let _lock = match locked {
         Ok(lock) => lock,
@@ -104,12 +104,12 @@ pub(crate) fn run_batch(
     // snapshot's "unchanged file" shortcut trust it, so it must say what the repository holds
     // now (an index file removed meanwhile must not be believed), and between batches the
     // daemon holds no index in memory.
-    let early = early.filter(|p| p.still_current(repo));
+    let early = early.filter(|e| e.still_current(repo));
     let reused = early.is_some();
-    let (indexed, snap, parent, list) = match early {
-        Some(p) => {
+    let Prepared { indexed, snap, parent, list } = match early {
+        Some(e) => {
             drop(repo.repo.take());
-            (p.indexed, p.snap, p.parent, p.list)
+            e.prepared
         }
         None => {
             let indexed = match repo.repo.take().map(Repository::to_indexed_ids) {
@@ -124,8 +124,7 @@ pub(crate) fn run_batch(
                     return (BatchOutcome::Rejected { seq, why, code: RejectCode::StorageFailed }, Err(e));
                 }
             };
-            let p = Prepared::with(indexed, BTreeSet::new(), &begin, opts, &entries, want);
-            (p.indexed, p.snap, p.parent, p.list)
+            Prepared::new(indexed, &begin, opts, &entries, want)
         }
     };
     debug!(seq, reused, "index, parent and want-list prepared");
@@ -176,10 +175,8 @@ fn lock_for_batch(
     })
 }
 
-/// What a batch needs before its data, prepared under a lock not yet confirmed.
+/// What a batch needs before its data: the loaded index, its snapshot, parent and want-list.
 struct Prepared {
-    /// The index files listed before the index was loaded.
-    index_files: BTreeSet<IndexId>,
     indexed: Repository<IndexedIdsStatus>,
     snap: anyhow::Result<SnapshotFile>,
     parent: Option<SnapshotFile>,
@@ -187,24 +184,9 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// None if the index cannot be listed or loaded now (it is loaded again under the lock,
-    /// where a failure rejects the batch).
-    fn load(
-        open: &Repository<OpenStatus>,
-        begin: &shmback_proto::Begin,
-        opts: &ServeOptions,
-        entries: &super::manifest::Entries,
-        want: bool,
-    ) -> Option<Prepared> {
-        let index_files = open.list::<IndexId>().ok()?.collect();
-        let indexed = open.clone().to_indexed_ids().ok()?;
-        Some(Prepared::with(indexed, index_files, begin, opts, entries, want))
-    }
-
     /// The snapshot, parent and (if the producer asked) want-list of a batch, on `indexed`.
-    fn with(
+    fn new(
         indexed: Repository<IndexedIdsStatus>,
-        index_files: BTreeSet<IndexId>,
         begin: &shmback_proto::Begin,
         opts: &ServeOptions,
         entries: &super::manifest::Entries,
@@ -214,7 +196,29 @@ impl Prepared {
         // The parent is looked up once, answers the want-list and is the one the archive uses.
         let parent = snap.as_ref().ok().and_then(|snap| want::find_parent(&indexed, snap));
         let list = (want && snap.is_ok()).then(|| want::Computed::new(&indexed, parent.as_ref(), entries));
-        Prepared { index_files, indexed, snap, parent, list }
+        Prepared { indexed, snap, parent, list }
+    }
+}
+
+/// [`Prepared`] under a lock not yet confirmed, with the index files it was loaded from.
+struct Early {
+    index_files: BTreeSet<IndexId>,
+    prepared: Prepared,
+}
+
+impl Early {
+    /// None if the index cannot be listed or loaded now (it is loaded again under the lock,
+    /// where a failure rejects the batch).
+    fn load(
+        open: &Repository<OpenStatus>,
+        begin: &shmback_proto::Begin,
+        opts: &ServeOptions,
+        entries: &super::manifest::Entries,
+        want: bool,
+    ) -> Option<Early> {
+        let index_files = open.list::<IndexId>().ok()?.collect();
+        let indexed = open.clone().to_indexed_ids().ok()?;
+        Some(Early { index_files, prepared: Prepared::new(indexed, begin, opts, entries, want) })
     }
 
     /// Whether the repository's index files are still the ones loaded (index files are named
